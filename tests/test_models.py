@@ -1,0 +1,170 @@
+"""Model structure, presets and the checkpoint round trip (no reference packages needed)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from uss_core.checkpoints import (
+    SeparatorModel,
+    SeparatorModelConfig,
+    load_model,
+    reference_state_dict,
+    save_checkpoint,
+)
+from uss_core.errors import CheckpointError, ConfigError
+from uss_core.models.frontend import InverseStft, Stft, mel_filterbank
+from uss_core.models.panns import Cnn14, Cnn14Config, Cnn14DecisionLevelMax
+from uss_core.models.query_nets import QueryNet, QueryNetConfig
+from uss_core.models.resunet import ResUNet, ResUNetConfig
+from uss_core.ontology import LabelSet
+
+torch.set_num_threads(1)
+
+SMALL_TAGGER = Cnn14Config(classes_num=5, conv_channels=(8, 16, 32), embedding_size=32)
+
+
+def small_model(condition_type="at_soft", **query_kwargs) -> SeparatorModel:
+    query = QueryNetConfig(condition_type=condition_type, tagger=SMALL_TAGGER, adaptor_hidden=16, adaptor_outputs=12, **query_kwargs)
+    sep = ResUNetConfig(condition_size=query.condition_size, encoder_channels=(8, 16, 16))
+    return SeparatorModel(SeparatorModelConfig(separator=sep, query_net=query)).eval()
+
+
+def five_labels() -> LabelSet:
+    return LabelSet(mids=tuple(f"/m/x{i}" for i in range(5)), names=tuple(f"Sound {i}" for i in range(5)))
+
+
+def test_stft_round_trip_is_exact():
+    x = torch.randn(2, 12345)
+    stft, istft = Stft(2048, 320), InverseStft(2048, 320)
+    real, imag = stft(x)
+    assert real.shape == (2, 1, 12345 // 320 + 1, 1025)
+    assert torch.allclose(istft(real, imag, x.shape[-1]), x, atol=1e-5)
+
+
+def test_mel_filterbank_shape_and_coverage():
+    mel = mel_filterbank(32000, 1024, 64, 50, 14000)
+    assert mel.shape == (513, 64)
+    assert (mel.sum(axis=0) > 0).all()  # every filter has support
+    assert mel[np.fft.rfftfreq(1024, 1 / 32000) > 14500].sum() == 0  # nothing above fmax
+
+
+def test_resunet30_preset_matches_paper_layout():
+    model = ResUNet(ResUNetConfig())
+    keys = model.state_dict().keys()
+    assert "base.encoder_block6.conv_block1.conv1.weight" in keys
+    assert "base.conv_block7a.conv_block1.bn1.running_mean" in keys
+    assert "base.decoder_block6.conv_block2.shortcut.weight" in keys
+    assert "film.decoder_block1->conv_block2->beta2.weight" in keys
+    assert model.state_dict()["base.after_conv.weight"].shape == (3, 32, 1, 1)
+    # Parameter count of ResUNet30 with a 527-d condition (FiLM included).
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(3.8e7, rel=0.2)
+
+
+@pytest.mark.parametrize("samples", [32000, 64000, 70001])
+def test_small_resunet_any_length(samples):
+    model = ResUNet(ResUNetConfig(condition_size=7, encoder_channels=(4, 8, 8))).eval()
+    with torch.inference_mode():
+        out = model(torch.randn(3, 1, samples), torch.rand(3, 7))
+    assert out.shape == (3, 1, samples)
+    assert torch.isfinite(out).all()
+
+
+def test_eval_fused_norm_equals_batchnorm():
+    model = ResUNet(ResUNetConfig(condition_size=7, encoder_channels=(4, 8, 8)))
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2)
+            m.weight.data.uniform_(0.5, 1.5)
+    x, c = torch.randn(2, 1, 16000), torch.rand(2, 7)
+    model.eval()
+    with torch.no_grad():
+        fused = model(x, c)
+        # Reference computation: BatchNorm modules in eval mode through the training code path.
+        import uss_core.models.resunet as r
+
+        original = r.norm_film_act
+        r.norm_film_act = lambda bn, x, beta: torch.nn.functional.leaky_relu(bn(x) + beta, 0.01)
+        try:
+            plain = model(x, c)
+        finally:
+            r.norm_film_act = original
+    assert torch.allclose(fused, plain, atol=1e-5)
+
+
+def test_sed_framewise_has_one_frame_per_hop():
+    sed = Cnn14DecisionLevelMax(SMALL_TAGGER).eval()
+    with torch.inference_mode():
+        out = sed(torch.randn(2, 32000 * 3))
+    assert out["framewise_output"].shape == (2, 301, 5)
+    assert torch.allclose(out["clipwise_output"], out["framewise_output"].amax(dim=1))
+
+
+@pytest.mark.parametrize("condition_type,size", [("hard", 5), ("at_soft", 5), ("embedding", 32), ("adaptive", 12)])
+def test_query_net_condition_sizes(condition_type, size):
+    net = QueryNet(QueryNetConfig(condition_type=condition_type, tagger=SMALL_TAGGER, adaptor_hidden=16, adaptor_outputs=12)).eval()
+    assert net.condition_size == size
+    assert net(torch.randn(2, 32000)).shape == (2, size)
+
+
+def test_embedding_model_refuses_class_queries():
+    net = QueryNet(QueryNetConfig(condition_type="embedding", tagger=SMALL_TAGGER))
+    with pytest.raises(ConfigError, match="query-audio"):
+        net.require_class_queries()
+
+
+def test_unknown_condition_type_is_a_config_error():
+    with pytest.raises(ConfigError, match="hard, at_soft, embedding, adaptive"):
+        QueryNetConfig(condition_type="soft")
+
+
+def test_own_checkpoint_round_trip(tmp_path):
+    model = small_model("adaptive")
+    path = save_checkpoint(model, five_labels(), tmp_path / "ckpt", metadata={"note": "test"})
+    assert sorted(p.name for p in path.iterdir()) == ["config.json", "model.safetensors"]
+    doc = json.loads((path / "config.json").read_text())
+    assert doc["model"]["query_net"]["condition_type"] == "adaptive"
+    loaded = load_model(path)
+    assert loaded.labels == five_labels()
+    x = torch.randn(2, 32000)
+    with torch.inference_mode():
+        a = model.ss_model(x[:, None], model.query_net(x))
+        b = loaded.model.ss_model(x[:, None], loaded.model.query_net(x))
+    assert torch.equal(a, b)
+
+
+def test_checkpoint_save_is_atomic_and_replaces(tmp_path):
+    model = small_model()
+    save_checkpoint(model, five_labels(), tmp_path / "ckpt")
+    save_checkpoint(model, five_labels(), tmp_path / "ckpt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_broken_checkpoints_raise_checkpoint_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        load_model(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="config.json"):
+        load_model(tmp_path / "empty")
+    path = save_checkpoint(small_model(), five_labels(), tmp_path / "ckpt")
+    (path / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="cannot read weights"):
+        load_model(path)
+    bad = tmp_path / "pickle.ckpt"
+    torch.save({"state_dict": {"x": torch.zeros(1)}, "evil": _Unpicklable()}, bad)
+    with pytest.raises(CheckpointError, match="weights-only"):
+        load_model(bad, labels=five_labels())
+
+
+class _Unpicklable:
+    """An arbitrary class: a weights-only load must refuse to rebuild it."""
+
+
+def test_reference_state_dict_has_frontend_constants():
+    model = small_model()
+    state = reference_state_dict(model)
+    assert state["ss_model.base.stft.conv_real.weight"].shape == (1025, 1, 2048)
+    assert state["ss_model.base.istft.conv_real.weight"].shape == (2048, 2048, 1)
+    assert state["query_net.base.spectrogram_extractor.stft.conv_imag.weight"].shape == (513, 1, 1024)
