@@ -171,11 +171,8 @@ class OverlapAdd:
     def pop_ready(self, final: bool = False) -> np.ndarray:
         """Finished samples ``(num_stems, n)`` (float32); with ``final``, everything up to the
         signal length."""
-        if final:
-            ready = self.plan.num_samples - self._origin
-        else:
-            ready = self.plan.start(self._next_index) - self._origin
-        ready = max(0, min(ready, self._acc.shape[1]))
+        end = self.plan.num_samples if final else min(self.plan.start(self._next_index), self.plan.num_samples)
+        ready = max(0, min(end - self._origin, self._acc.shape[1]))
         out = self._acc[:, :ready] / self._weight[:ready]
         self._acc = self._acc[:, ready:]
         self._weight = self._weight[ready:]

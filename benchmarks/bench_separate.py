@@ -1,0 +1,167 @@
+"""Speed of ``uss separate`` against the reference inference path, and peak memory on a long file.
+
+Same weights (random, official checkpoint format), same 30-s input, same machine. The two are run
+alternately ``--rounds`` times (timings on a shared machine drift) and the ratio of medians printed:
+
+- three class queries: the reference run three times with one class id each (its class-id path
+  writes a single stem per run), against one ``uss separate`` with three ``--class-id``;
+- hierarchical level 1: the reference's ``separate_by_hierarchy(levels=[1])`` against
+  ``uss separate --levels 1``.
+
+Our side runs with the reference's chunking (2-s segments, no overlap) so both do the same
+separation work; ``--also-defaults`` adds a row with our default overlap. Model loading is
+excluded on both sides (printed separately). Peak memory: ``uss separate`` on a generated
+``--memory-minutes`` long file in a subprocess, peak RSS from the kernel.
+
+Run: ``python -m benchmarks.bench_separate --metadata-dir ../shared/audioset``
+(needs the ``reference`` extra).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import soundfile
+import torch
+
+from benchmarks.reference_harness import import_reference, load_reference_models, write_reference_checkpoints
+
+CLASS_IDS = [0, 137, 300]  # Speech, Music, Vehicle
+
+
+def make_input(path: Path, seconds: float, seed: int = 0) -> None:
+    """A test recording: tones, bursts and noise (content does not matter with random weights)."""
+    rate = 32000
+    rng = np.random.default_rng(seed)
+    with soundfile.SoundFile(path, "w", rate, 1, subtype="PCM_16") as f:
+        for start in range(0, int(seconds * rate), 60 * rate):
+            n = min(60 * rate, int(seconds * rate) - start)
+            t = (start + np.arange(n)) / rate
+            block = 0.2 * np.sin(2 * np.pi * 330 * t) * (t % 3 < 1) + 0.05 * rng.standard_normal(n)
+            f.write(block.astype(np.float32))
+
+
+def time_reference_classes(ref, lit, tagger, audio_path: Path, out: Path) -> float:
+    import librosa
+
+    t0 = time.perf_counter()
+    for class_id in CLASS_IDS:  # the reference writes one stem per run: three runs
+        audio, _ = librosa.load(audio_path, sr=32000, mono=True)
+        ref.inference.separate_by_class_ids(audio, 32000, 64000, tagger, lit, "cpu", [class_id], str(out))
+    return time.perf_counter() - t0
+
+
+def time_reference_hierarchy(ref, lit, tagger, audio_path: Path, out: Path, ontology: Path) -> float:
+    import librosa
+
+    t0 = time.perf_counter()
+    audio, _ = librosa.load(audio_path, sr=32000, mono=True)
+    ref.inference.separate_by_hierarchy(audio, 32000, 64000, tagger, lit, "cpu", [1], str(ontology), 1e-6, str(out))
+    return time.perf_counter() - t0
+
+
+def time_ours(separator, audio_path: Path, out: Path, queries) -> float:
+    from jobs.separate_files import separate_file
+
+    t0 = time.perf_counter()
+    separate_file(audio_path, out, separator, queries, "wav", quiet=True)
+    return time.perf_counter() - t0
+
+
+def peak_memory_gb(checkpoint: Path, tagger: Path, audio_path: Path, out: Path, metadata_dir: Path) -> tuple[float, float]:
+    """Peak RSS (GB) and wall seconds of ``uss separate`` in a child process."""
+    cmd = [
+        sys.executable, "-m", "jobs.cli", "separate", str(audio_path), "-o", str(out), "--checkpoint", str(checkpoint),
+        "--tagger-checkpoint", str(tagger), "--metadata-dir", str(metadata_dir), "--class-id", "0", "--quiet",
+        "--overlap", "0",
+    ]
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True)
+    wall = time.perf_counter() - t0
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024**2, wall
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--metadata-dir", type=Path, required=True, help="folder with AudioSet metadata")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--seconds", type=float, default=30.0)
+    p.add_argument("--memory-minutes", type=float, default=60.0, help="length of the peak-memory input (0: skip)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--also-defaults", action="store_true", help="also time our default overlap")
+    p.add_argument("--json", type=Path, help="write the figures here")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    from uss_core.checkpoints import load_model
+    from uss_core.ontology import load_label_set, load_ontology
+    from uss_core.separation import SeparationConfig, Separator, class_queries, hierarchy_queries
+
+    work = Path(tempfile.mkdtemp(prefix="bench_separate_"))
+    ref = import_reference(work / "home", args.metadata_dir)
+    uss_path, tagger_path = write_reference_checkpoints(ref, work / "ckpt")
+    audio_path = work / "input.wav"
+    make_input(audio_path, args.seconds)
+
+    t0 = time.perf_counter()
+    lit, tagger = load_reference_models(ref, uss_path, tagger_path)
+    ref_load = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    loaded = load_model(uss_path, load_label_set(args.metadata_dir), tagger_path)
+    our_load = time.perf_counter() - t0
+    labels, ontology = loaded.labels, load_ontology(args.metadata_dir)
+    separators = {"2s/no overlap": Separator(loaded, SeparationConfig(segment_seconds=2.0, overlap=0.0, device="cpu"))}
+    if args.also_defaults:
+        separators["default overlap"] = Separator(loaded, SeparationConfig(device="cpu"))
+    cases = {
+        "3 class queries": (
+            lambda out: time_reference_classes(ref, lit, tagger, audio_path, out),
+            class_queries(labels, CLASS_IDS),
+        ),
+        "hierarchy level 1": (
+            lambda out: time_reference_hierarchy(ref, lit, tagger, audio_path, out, args.metadata_dir / "ontology.json"),
+            hierarchy_queries(ontology, labels, [1]),
+        ),
+    }
+    results = {"input_seconds": args.seconds, "threads": args.threads, "load_seconds": {"reference": ref_load, "ours": our_load}}
+    print(f"model load: reference {ref_load:.2f} s, ours {our_load:.2f} s")
+    cwd = os.getcwd()
+    os.chdir(work)  # the reference's hierarchy path writes plots into the working directory
+    try:
+        for case, (run_reference, queries) in cases.items():
+            for label, separator in separators.items():
+                ref_times, our_times = [], []
+                for r in range(args.rounds):
+                    ref_times.append(run_reference(work / f"ref-{r}"))
+                    our_times.append(time_ours(separator, audio_path, work / f"ours-{r}", queries))
+                ratio = statistics.median(ref_times) / statistics.median(our_times)
+                results[f"{case} ({label})"] = {"reference_s": ref_times, "ours_s": our_times, "speedup": ratio}
+                print(
+                    f"{case:<18} ({label}): reference {statistics.median(ref_times):6.1f} s, "
+                    f"ours {statistics.median(our_times):6.1f} s -> {ratio:.2f}x faster"
+                )
+    finally:
+        os.chdir(cwd)
+    if args.memory_minutes > 0:
+        long_path = work / "long.flac"
+        make_input(long_path, args.memory_minutes * 60)
+        peak, wall = peak_memory_gb(uss_path, tagger_path, long_path, work / "long-out", args.metadata_dir)
+        results["peak_memory"] = {"minutes": args.memory_minutes, "peak_rss_gb": peak, "wall_seconds": wall}
+        print(f"peak memory, {args.memory_minutes:g}-min input: {peak:.2f} GB (ran {wall:.0f} s)")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
