@@ -101,6 +101,7 @@ def main(argv=None) -> int:
     p.add_argument("--also-defaults", action="store_true", help="also time our default overlap")
     p.add_argument("--json", type=Path, help="write the figures here")
     args = p.parse_args(argv)
+    args.metadata_dir = args.metadata_dir.resolve()  # we chdir below
     torch.set_num_threads(args.threads)
 
     from uss_core.checkpoints import load_model
