@@ -61,6 +61,35 @@ def norm_film_act(bn: nn.BatchNorm2d, x: torch.Tensor, beta: torch.Tensor) -> to
     return F.leaky_relu_(y.add_(shift[:, None, None] + beta), negative_slope=0.01)
 
 
+def pointwise_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """A 1x1 convolution as a matmul over channels, returning a channels-last tensor.
+
+    Same result as ``conv(x)``; oneDNN is slow on 1x1 convolutions with one input channel.
+    """
+    weight = conv.weight[:, :, 0, 0]
+    x = x.permute(0, 2, 3, 1)
+    if weight.shape[1] == 1:  # an outer product: a broadcast multiply-add beats a K=1 matmul
+        y = torch.addcmul(conv.bias, x, weight[:, 0])
+    else:
+        y = F.linear(x, weight, conv.bias)
+    return y.permute(0, 3, 1, 2)
+
+
+def transposed_upsample(conv: nn.ConvTranspose2d, x: torch.Tensor) -> torch.Tensor:
+    """A transposed convolution whose kernel equals its stride, as a matmul + depth-to-space.
+
+    ``x: (batch, in, time, freq) -> (batch, out, time * kt, freq * kf)``, same result as
+    ``conv(x)`` (the kernels do not overlap, so each input pixel expands to one output block),
+    several times faster on CPU, channels-last out.
+    """
+    in_channels, out_channels, kt, kf = conv.weight.shape
+    batch, _, time, freq = x.shape
+    weight = conv.weight.reshape(in_channels, out_channels * kt * kf).t()
+    y = F.linear(x.permute(0, 2, 3, 1), weight)  # (batch, time, freq, out * kt * kf)
+    y = y.reshape(batch, time, freq, out_channels, kt, kf).permute(0, 1, 4, 2, 5, 3)
+    return y.reshape(batch, time * kt, freq * kf, out_channels).permute(0, 3, 1, 2)
+
+
 class ConvBlockRes(nn.Module):
     """Pre-activation residual block: (BN + FiLM bias, leaky ReLU, 3x3 conv) x 2, plus shortcut."""
 
@@ -129,7 +158,7 @@ class DecoderBlock(nn.Module):
         }
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor, film: dict) -> torch.Tensor:
-        x = self.conv1(norm_film_act(self.bn1, x, film["beta1"]))
+        x = transposed_upsample(self.conv1, norm_film_act(self.bn1, x, film["beta1"]))
         return self.conv_block2(torch.cat((x, skip), dim=1), film["conv_block2"])
 
 
@@ -183,7 +212,7 @@ class ResUNetBase(nn.Module):
         ratio = self.config.time_downsample_ratio
         x = F.pad(x, (0, 0, 0, -frames % ratio))
         x = x[..., :-1]  # 1025 -> 1024 frequency bins, divisible by the pooling
-        x = self.pre_conv(x)
+        x = pointwise_conv(self.pre_conv, x)
 
         skips = []
         for i in range(1, self.depth + 1):
