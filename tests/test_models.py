@@ -167,3 +167,20 @@ def test_reference_state_dict_has_frontend_constants():
     assert state["ss_model.base.stft.conv_real.weight"].shape == (1025, 1, 2048)
     assert state["ss_model.base.istft.conv_real.weight"].shape == (2048, 2048, 1)
     assert state["query_net.base.spectrogram_extractor.stft.conv_imag.weight"].shape == (513, 1, 1024)
+
+
+@pytest.mark.parametrize("sed", [False, True])
+def test_tagger_checkpoint_round_trip(tmp_path, sed):
+    from uss_core.checkpoints import load_tagger, save_tagger_checkpoint
+
+    cls = Cnn14DecisionLevelMax if sed else Cnn14
+    tagger = cls(SMALL_TAGGER).eval()
+    path = save_tagger_checkpoint(tagger, five_labels(), tmp_path / "tagger")
+    loaded, labels = load_tagger(path, sound_event_detection=sed)
+    assert labels == five_labels() and type(loaded) is cls
+    x = torch.randn(1, 32000)
+    with torch.inference_mode():
+        expected, got = tagger(x), loaded(x)
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    with pytest.raises(CheckpointError, match="not a uss-at-scale/separator"):
+        load_model(path)

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from safetensors.torch import load_file, save_file
 
 from uss_core.config import from_dict, to_dict
 from uss_core.errors import CheckpointError, ConfigError
@@ -36,6 +37,7 @@ from uss_core.models.resunet import ResUNet, ResUNetConfig
 from uss_core.ontology import LabelSet
 
 FORMAT_NAME = "uss-at-scale/separator"
+TAGGER_FORMAT_NAME = "uss-at-scale/tagger"
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -93,28 +95,15 @@ class LoadedModel:
 # Own format
 
 
-def save_checkpoint(model: SeparatorModel, labels: LabelSet, path: str | Path, metadata: dict | None = None) -> Path:
-    """Write ``model`` to the checkpoint directory ``path`` (replaced atomically if it exists)."""
-    from safetensors.torch import save_file
-
-    if len(labels) != model.config.query_net.tagger.classes_num:
-        raise ConfigError(
-            f"label set has {len(labels)} classes but the model predicts {model.config.query_net.tagger.classes_num}"
-        )
+def _write_checkpoint_dir(path: str | Path, document: dict, state: dict[str, torch.Tensor]) -> Path:
+    """Write ``config.json`` + ``model.safetensors`` into ``path`` atomically (a temporary
+    sibling directory renamed into place; an existing checkpoint there is replaced)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        document = {
-            "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
-            "model": to_dict(model.config),
-            "labels": labels.to_records(),
-            "metadata": metadata or {},
-        }
         (tmp / CONFIG_FILE).write_text(json.dumps(document, indent=2))
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        save_file(state, str(tmp / WEIGHTS_FILE))
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp / WEIGHTS_FILE))
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
@@ -124,7 +113,57 @@ def save_checkpoint(model: SeparatorModel, labels: LabelSet, path: str | Path, m
     return path
 
 
-def read_checkpoint_document(path: str | Path) -> dict:
+def save_checkpoint(model: SeparatorModel, labels: LabelSet, path: str | Path, metadata: dict | None = None) -> Path:
+    """Write a separation model to the checkpoint directory ``path``."""
+    if len(labels) != model.config.query_net.tagger.classes_num:
+        raise ConfigError(
+            f"label set has {len(labels)} classes but the model predicts {model.config.query_net.tagger.classes_num}"
+        )
+    document = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "model": to_dict(model.config),
+        "labels": labels.to_records(),
+        "metadata": metadata or {},
+    }
+    return _write_checkpoint_dir(path, document, model.state_dict())
+
+
+def save_tagger_checkpoint(tagger: Cnn14, labels: LabelSet, path: str | Path, metadata: dict | None = None) -> Path:
+    """Write a Cnn14-family tagger (either head: both share one state-dict layout) to ``path``."""
+    if len(labels) != tagger.config.classes_num:
+        raise ConfigError(f"label set has {len(labels)} classes but the tagger predicts {tagger.config.classes_num}")
+    document = {
+        "format": TAGGER_FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "model": to_dict(tagger.config),
+        "labels": labels.to_records(),
+        "metadata": metadata or {},
+    }
+    return _write_checkpoint_dir(path, document, tagger.state_dict())
+
+
+def load_tagger(path: str | Path, sound_event_detection: bool = False) -> tuple[Cnn14 | Cnn14DecisionLevelMax, LabelSet | None]:
+    """A tagger from an own-format tagger directory or a PANNs ``.pth`` file.
+
+    Returns the model (:class:`Cnn14DecisionLevelMax` if ``sound_event_detection``) and its label
+    set (None for PANNs files, which carry none: they use the 527 AudioSet classes).
+    """
+    path = Path(path)
+    cls = Cnn14DecisionLevelMax if sound_event_detection else Cnn14
+    if not path.is_dir():
+        return load_panns(path, sound_event_detection), None
+    document = read_checkpoint_document(path, TAGGER_FORMAT_NAME)
+    model = cls(from_dict(Cnn14Config, document["model"], where=f"{path}/{CONFIG_FILE}"))
+    try:
+        state = load_file(str(path / WEIGHTS_FILE))
+    except Exception as exc:
+        raise CheckpointError(f"{path}/{WEIGHTS_FILE}: cannot read weights ({exc})") from None
+    _load_state(model, state, str(path))
+    return model.eval(), LabelSet.from_records(document["labels"])
+
+
+def read_checkpoint_document(path: str | Path, expected_format: str = FORMAT_NAME) -> dict:
     """The parsed ``config.json`` of an own-format checkpoint directory."""
     config_path = Path(path) / CONFIG_FILE
     try:
@@ -133,8 +172,8 @@ def read_checkpoint_document(path: str | Path) -> dict:
         raise CheckpointError(f"{path}: no {CONFIG_FILE}; is this a uss-at-scale checkpoint directory?") from None
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{config_path}: invalid JSON ({exc})") from None
-    if document.get("format") != FORMAT_NAME:
-        raise CheckpointError(f"{config_path}: not a {FORMAT_NAME} checkpoint (format={document.get('format')!r})")
+    if document.get("format") != expected_format:
+        raise CheckpointError(f"{config_path}: not a {expected_format} checkpoint (format={document.get('format')!r})")
     if document.get("format_version", 0) > FORMAT_VERSION:
         raise CheckpointError(
             f"{config_path}: format version {document['format_version']} is newer than this release "
@@ -144,8 +183,6 @@ def read_checkpoint_document(path: str | Path) -> dict:
 
 
 def _load_own(path: Path) -> LoadedModel:
-    from safetensors.torch import load_file
-
     document = read_checkpoint_document(path)
     config = from_dict(SeparatorModelConfig, document["model"], where=f"{path}/{CONFIG_FILE}")
     labels = LabelSet.from_records(document["labels"])

@@ -1,0 +1,87 @@
+"""What every job does the same way: the workspace, connecting to Ray, and the MLflow run.
+
+Embedded defaults, so a first run needs no server:
+
+- workspace: ``$USS_WORKSPACE``, else ``./workspace`` (datasets, checkpoints, the MLflow store);
+- Ray: ``$RAY_ADDRESS`` if set (a cluster, or ``auto``), else a local Ray started here;
+- MLflow: ``$MLFLOW_TRACKING_URI`` if set (a tracking server), else a SQLite store
+  ``<workspace>/mlflow.db`` with artifacts under ``<workspace>/mlartifacts``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+from uss_core.config import to_dict
+
+EXPERIMENT = "uss-at-scale"
+
+
+def workspace_dir() -> Path:
+    """The workspace folder (created on first use)."""
+    path = Path(os.environ.get("USS_WORKSPACE", "workspace")).resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def tracking_uri() -> str:
+    """MLflow tracking URI: ``$MLFLOW_TRACKING_URI`` or the workspace's SQLite store."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{workspace_dir() / 'mlflow.db'}"
+
+
+def connect_ray(num_cpus: int | None = None) -> None:
+    """Connect to ``$RAY_ADDRESS``, or start a local Ray (``num_cpus`` defaults to all cores).
+
+    A no-op if this process is already connected (e.g. a job submitted with ``ray job submit``
+    or a test fixture).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+
+
+def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
+    else:
+        out[prefix] = value
+
+
+@contextlib.contextmanager
+def mlflow_run(job: str, config: Any = None, run_name: str | None = None, tags: dict | None = None) -> Iterator[Any]:
+    """An MLflow run for a job: config logged as flattened parameters, tagged ``uss.job``.
+
+    Yields the active ``mlflow.ActiveRun``; the run ends FAILED if the body raises. The local
+    default experiment keeps its artifacts in the workspace (not the current directory).
+    """
+    import mlflow
+
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # the SQLite store logs every migration
+    mlflow.set_tracking_uri(tracking_uri())
+    experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT)
+    if mlflow.get_experiment_by_name(experiment) is None:
+        location = None
+        if not os.environ.get("MLFLOW_TRACKING_URI"):
+            location = (workspace_dir() / "mlartifacts").as_uri()
+        mlflow.create_experiment(experiment, artifact_location=location)
+    mlflow.set_experiment(experiment)
+    with mlflow.start_run(run_name=run_name or f"{job}-{time.strftime('%Y%m%d-%H%M%S')}") as run:
+        mlflow.set_tags({"uss.job": job, **(tags or {})})
+        if config is not None:
+            params: dict[str, Any] = {}
+            _flatten("", to_dict(config), params)
+            # MLflow caps parameter values at 6000 characters; long lists are summarised.
+            mlflow.log_params({k: (str(v) if len(str(v)) < 500 else str(v)[:497] + "...") for k, v in params.items()})
+        yield run
