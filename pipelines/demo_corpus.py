@@ -38,7 +38,6 @@ ancestors to ``corpus.json``.
 from __future__ import annotations
 
 import concurrent.futures
-import csv
 import ctypes
 import dataclasses
 import importlib.metadata

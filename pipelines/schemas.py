@@ -75,15 +75,19 @@ with partner anchors of other classes
     mixture                list<float32>   the model input: gained target + gained partners
     target                 list<float32>   the training target: the gained target anchor,
                                            same length as ``mixture``
-    condition              list<float32>   the query condition of the target (at_soft or
-                                           embedding, as configured)
+    condition_at_soft      list<float32>   the target anchor's soft condition (its
+                                           ``condition_at_soft``: tagging probabilities)
+    condition_embedding    list<float32>   the target anchor's latent condition (its
+                                           ``condition_embedding``); training picks the
+                                           one its query net takes
     target_gain            float32         linear gain applied to the target anchor
     partner_gains          list<float32>   linear gain applied to each partner (energy match)
     =====================  ==============  ================================================
 
 Storage helpers: :func:`resolve_filesystem` turns ``(uri, filesystem)`` into a pyarrow
 filesystem and path (``filesystem`` may be a pyarrow or an fsspec filesystem such as
-``s3fs.S3FileSystem``); :func:`read_table` reads a Parquet dataset folder with pyarrow alone.
+``s3fs.S3FileSystem``); :func:`read_table` reads a Parquet dataset folder with pyarrow alone
+(only the named ``columns``, if given); :func:`count_rows` counts its rows from the footers.
 """
 
 from __future__ import annotations
@@ -150,7 +154,8 @@ MIXTURE_SCHEMA = pa.schema(
         ("partner_class_indexes", INT_LIST),
         ("mixture", FLOAT_LIST),
         ("target", FLOAT_LIST),
-        ("condition", FLOAT_LIST),
+        ("condition_at_soft", FLOAT_LIST),
+        ("condition_embedding", FLOAT_LIST),
         ("target_gain", pa.float32()),
         ("partner_gains", FLOAT_LIST),
     ]
@@ -290,7 +295,8 @@ class Anchor(Record):
 
 @dataclass(eq=False)
 class Mixture(Record):
-    """One training example: ``mixture``, ``target`` are ``(samples,)``, ``condition`` ``(dim,)``."""
+    """One training example: ``mixture``, ``target`` are ``(samples,)``; the conditions
+    ``(classes,)`` and ``(embedding_size,)``."""
 
     SCHEMA: ClassVar[pa.Schema] = MIXTURE_SCHEMA
 
@@ -301,7 +307,8 @@ class Mixture(Record):
     partner_class_indexes: tuple[int, ...]
     mixture: np.ndarray
     target: np.ndarray
-    condition: np.ndarray
+    condition_at_soft: np.ndarray
+    condition_embedding: np.ndarray
     target_gain: float
     partner_gains: np.ndarray
 
@@ -470,14 +477,28 @@ def read_table(
     fs, path = resolve_filesystem(str(path_or_uri), filesystem)
     info = fs.get_file_info(path)
     files: list[str] | str = path if info.type == pafs.FileType.File else list_parquet_files(fs, path)
+    if columns is not None:
+        columns = list(columns)
+        if schema is not None:
+            schema = pa.schema([schema.field(name) for name in columns])
     if not files:
         if schema is None:
             raise FileNotFoundError(f"no Parquet data at {path_or_uri}")
-        table = schema.empty_table()
-    else:
-        table = pq.read_table(files, filesystem=fs, schema=schema)
-        table = conform(table, schema) if schema is not None else table
-    return table.select(list(columns)) if columns is not None else table
+        return schema.empty_table()
+    table = pq.read_table(files, filesystem=fs, schema=schema, columns=columns)  # reads only `columns`
+    return conform(table, schema) if schema is not None else table
+
+
+def count_rows(path_or_uri: str | os.PathLike, filesystem: Any = None) -> int:
+    """Rows of a Parquet dataset folder (or file), from the file footers alone; 0 if missing."""
+    fs, path = resolve_filesystem(str(path_or_uri), filesystem)
+    info = fs.get_file_info(path)
+    files = [path] if info.type == pafs.FileType.File else list_parquet_files(fs, path)
+    total = 0
+    for name in files:
+        with fs.open_input_file(name) as f:
+            total += pq.ParquetFile(f).metadata.num_rows
+    return total
 
 
 __all__ = [
@@ -496,6 +517,7 @@ __all__ = [
     "Mixture",
     "Record",
     "conform",
+    "count_rows",
     "float_list_array",
     "list_column_to_arrays",
     "list_column_to_numpy",

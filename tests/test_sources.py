@@ -266,6 +266,7 @@ def _records():
         np.ones(4),
         np.full(4, 0.5),
         np.full(527, 0.1),
+        np.zeros(2048),
         1.0,
         [0.8],
     )
