@@ -29,9 +29,14 @@ def workspace_dir() -> Path:
     return path
 
 
+def workspace_tracking_uri() -> str:
+    """The embedded MLflow store: SQLite in the workspace."""
+    return f"sqlite:///{workspace_dir() / 'mlflow.db'}"
+
+
 def tracking_uri() -> str:
     """MLflow tracking URI: ``$MLFLOW_TRACKING_URI`` or the workspace's SQLite store."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{workspace_dir() / 'mlflow.db'}"
+    return os.environ.get("MLFLOW_TRACKING_URI") or workspace_tracking_uri()
 
 
 def connect_ray(num_cpus: int | None = None) -> None:
@@ -69,11 +74,13 @@ def mlflow_run(job: str, config: Any = None, run_name: str | None = None, tags: 
     import mlflow
 
     logging.getLogger("alembic").setLevel(logging.WARNING)  # the SQLite store logs every migration
-    mlflow.set_tracking_uri(tracking_uri())
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
     experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT)
     if mlflow.get_experiment_by_name(experiment) is None:
         location = None
-        if not os.environ.get("MLFLOW_TRACKING_URI"):
+        # Compare URIs, not the environment: set_tracking_uri exports MLFLOW_TRACKING_URI itself.
+        if uri == workspace_tracking_uri():
             location = (workspace_dir() / "mlartifacts").as_uri()
         mlflow.create_experiment(experiment, artifact_location=location)
     mlflow.set_experiment(experiment)
