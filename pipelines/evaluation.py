@@ -356,13 +356,15 @@ def score_batch(
 
     ``condition_source``: ``dataset`` (the batch's precomputed conditions) or ``query-net``.
     """
-    try:
-        if condition_source == "dataset":
+    if condition_source == "dataset":
+        try:
             conditions = pair_conditions(model, batch.class_indexes, at_soft=batch.at_soft, embedding=batch.embedding)
-        else:
-            conditions = pair_conditions(model, batch.class_indexes, targets=batch.targets, batch_size=batch_size)
-    except ConfigError as exc:
-        raise ConfigError(f"{exc} (conditions '{condition_source}'; try conditions 'query-net')") from None
+        except ConfigError as exc:
+            # The set's conditions come from the mining tagger, which need not match this model's query net.
+            raise ConfigError(f"{exc}: the evaluation set's precomputed conditions do not fit this model; "
+                              "evaluate with conditions 'query-net' (--conditions query-net)") from None
+    else:
+        conditions = pair_conditions(model, batch.class_indexes, targets=batch.targets, batch_size=batch_size)
     device = next(model.parameters()).device
     estimates = separate_pairs(model, batch.mixtures, conditions, batch_size=batch_size, device=device)
     stft = model.config.separator

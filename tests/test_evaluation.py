@@ -50,8 +50,8 @@ RATE = 32000
 LABELS = LabelSet(mids=tuple(f"/m/x{i}" for i in range(4)), names=("Dog", "Piano", "Rain", "Speech"))
 
 
-def tiny_model(condition_type: str = "at_soft") -> SeparatorModel:
-    tagger = Cnn14Config(classes_num=len(LABELS), conv_channels=(4, 8), embedding_size=8)
+def tiny_model(condition_type: str = "at_soft", embedding_size: int = 8) -> SeparatorModel:
+    tagger = Cnn14Config(classes_num=len(LABELS), conv_channels=(4, 8), embedding_size=embedding_size)
     query = QueryNetConfig(condition_type=condition_type, tagger=tagger, adaptor_hidden=6, adaptor_outputs=5)
     separator = ResUNetConfig(condition_size=query.condition_size, encoder_channels=(4, 8))
     torch.manual_seed(0)
@@ -314,6 +314,17 @@ def test_evaluation_set_of_another_label_set_is_refused(checkpoint, tmp_path):
     pq.write_table(records_to_table(eval_rows(1, classes=(1,), mids=other), MIXTURE_SCHEMA), folder / "p.parquet")
     with pytest.raises(ConfigError, match="another label set"):
         evaluate_job.evaluate(checkpoint, str(folder), tmp_path / "out", device="cpu", track=False)
+
+
+def test_precomputed_conditions_that_do_not_fit_the_model_ask_for_query_net_conditions(eval_parquet, tmp_path):
+    # The set's embeddings are 8 wide (its mining tagger); this model's query net makes 6.
+    checkpoint = save_checkpoint(tiny_model("embedding", embedding_size=6), LABELS, tmp_path / "embedding")
+    with pytest.raises(ConfigError, match="--conditions query-net"):
+        evaluate_job.evaluate(checkpoint, str(eval_parquet), tmp_path / "out", device="cpu", track=False)
+    result = evaluate_job.evaluate(
+        checkpoint, str(eval_parquet), tmp_path / "out", device="cpu", conditions="query-net", track=False
+    )
+    assert result.num_pairs == 6 and result.conditions == "query-net"
 
 
 def write_pair(folder, name, mixture, source):
