@@ -15,12 +15,18 @@ COMMANDS = {
     "separate": ("jobs.separate_files", "separate audio files on this machine"),
     "metadata": ("jobs.metadata", "download the AudioSet ontology and label list"),
     "corpus": ("jobs.corpus", "build the embedded demo corpus"),
+    "ingest": ("jobs.ingest", "decode AudioSet-style sources into the clips dataset"),
+    "train-tagger": ("jobs.train_tagger", "train a Cnn14 tagger / sound event detector on weak labels"),
+    "mine": ("jobs.mine", "mine 2-s anchors of every labelled class with the sound event detector"),
+    "anchor-accuracy": ("jobs.anchor_accuracy", "score mined anchors against the demo corpus's true events"),
+    "mix": ("jobs.mix", "mix anchors into training mixtures and an evaluation set"),
+    "evaluate": ("jobs.evaluate", "SDRi / SI-SDRi per class of a separator on an evaluation set"),
 }
 
 
 def _usage() -> str:
     lines = ["usage: uss <command> [options]", "", "commands:"]
-    lines += [f"  {name:<12} {help_text}" for name, (_, help_text) in COMMANDS.items()]
+    lines += [f"  {name:<16} {help_text}" for name, (_, help_text) in COMMANDS.items()]
     lines += ["", "Run 'uss <command> --help' for a command's options."]
     return "\n".join(lines)
 

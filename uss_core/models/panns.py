@@ -34,6 +34,9 @@ class Cnn14Config:
     mel_bins: int = 64
     fmin: float = 50.0
     fmax: float = 14000.0
+    # PANNs' dropout (0.2 after each conv block, 0.5 in the head) while training; False trains the
+    # small CPU presets several times faster on a few hundred clips. Inference is the same either way.
+    dropout: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "conv_channels", tuple(int(c) for c in self.conv_channels))
@@ -98,7 +101,7 @@ class _Cnn14Trunk(nn.Module):
         blocks = len(self.config.conv_channels)
         for i in range(1, blocks + 1):
             x = getattr(self, f"conv_block{i}")(x, pool_size=(2, 2) if i < blocks else (1, 1))
-            x = F.dropout(x, p=0.2, training=self.training)
+            x = F.dropout(x, p=0.2, training=self.training and self.config.dropout)
         return torch.mean(x, dim=3), frames
 
 
@@ -109,9 +112,9 @@ class Cnn14(_Cnn14Trunk):
     def forward(self, waveform: torch.Tensor) -> dict[str, torch.Tensor]:
         x, _ = self.features(waveform)
         x = torch.amax(x, dim=2) + torch.mean(x, dim=2)
-        x = F.dropout(x, p=0.5, training=self.training)
+        x = F.dropout(x, p=0.5, training=self.training and self.config.dropout)
         x = F.relu(self.fc1(x))
-        embedding = F.dropout(x, p=0.5, training=self.training)
+        embedding = F.dropout(x, p=0.5, training=self.training and self.config.dropout)
         return {"clipwise_output": torch.sigmoid(self.fc_audioset(x)), "embedding": embedding}
 
 
@@ -123,9 +126,9 @@ class Cnn14DecisionLevelMax(_Cnn14Trunk):
     def forward(self, waveform: torch.Tensor) -> dict[str, torch.Tensor]:
         x, frames = self.features(waveform)
         x = F.max_pool1d(x, kernel_size=3, stride=1, padding=1) + F.avg_pool1d(x, kernel_size=3, stride=1, padding=1)
-        x = F.dropout(x, p=0.5, training=self.training)
+        x = F.dropout(x, p=0.5, training=self.training and self.config.dropout)
         x = F.relu(self.fc1(x.transpose(1, 2)))
-        x = F.dropout(x, p=0.5, training=self.training)
+        x = F.dropout(x, p=0.5, training=self.training and self.config.dropout)
         segmentwise = torch.sigmoid(self.fc_audioset(x))  # (batch, time, classes)
         clipwise = torch.amax(segmentwise, dim=1)
         framewise = torch.repeat_interleave(segmentwise, self.config.time_downsample_ratio, dim=1)
