@@ -58,6 +58,7 @@ import pyarrow.fs as pafs
 from ray.train import DataConfig, UserCallback
 
 from pipelines.schemas import list_column_to_arrays, list_parquet_files, resolve_filesystem
+from pipelines.training_common import LR_SCHEDULES, scheduled_lr, write_folder
 from uss_core.config import from_dict, to_dict
 from uss_core.errors import ConfigError
 from uss_core.models.panns import Cnn14Config
@@ -66,7 +67,6 @@ from uss_core.ontology import LabelSet
 HEADS = ("sed", "clip")
 BALANCE_MODES = ("rarest_label", "none")
 SHUFFLE_MODES = ("local", "global")
-LR_SCHEDULES = ("constant", "cosine")
 EXPORT_MODES = ("best", "last")
 METRIC = "val_mAP"  # the metric checkpoints are ranked by
 HISTORY_FILE = "history.json"  # per-epoch metrics so far, beside each Ray Train checkpoint
@@ -488,13 +488,7 @@ class _TaggerDataConfig(DataConfig):
 def _lr_at(step: int, total_steps: int, config: TaggerTrainingConfig) -> float:
     """Learning rate at optimizer step ``step`` (0-based): linear warmup, then constant or
     cosine decay to 0 at ``total_steps``."""
-    if config.warmup_steps and step < config.warmup_steps:
-        return config.lr * (step + 1) / config.warmup_steps
-    if config.lr_schedule == "cosine":
-        span = max(1, total_steps - config.warmup_steps)
-        progress = min(1.0, (step - config.warmup_steps) / span)
-        return config.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
-    return config.lr
+    return scheduled_lr(step, config.lr, config.warmup_steps, total_steps, "linear", config.lr_schedule)
 
 
 def _augment(waveform, target, augment: AugmentConfig, rng: np.random.Generator):
@@ -697,16 +691,7 @@ def export_tagger(ray_checkpoint: Any, out_uri: str, filesystem: Any = None, met
         head = document.get("metadata", {}).get("head", "sed")
         tagger, labels = load_tagger(source, sound_event_detection=head == "sed")
     meta = {**document.get("metadata", {}), **(metadata or {})}
-    fs, path = resolve_filesystem(out_uri, filesystem)
-    if isinstance(fs, pafs.LocalFileSystem):
-        save_tagger_checkpoint(tagger, labels, path, metadata=meta)
-        return out_uri
-    with tempfile.TemporaryDirectory(prefix="tagger-export-") as tmp:
-        local = save_tagger_checkpoint(tagger, labels, Path(tmp) / "tagger", metadata=meta)
-        fs.delete_dir_contents(path, missing_dir_ok=True)
-        fs.create_dir(path, recursive=True)
-        pafs.copy_files(str(local), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
-    return out_uri
+    return write_folder(out_uri, lambda path: save_tagger_checkpoint(tagger, labels, path, metadata=meta), filesystem)
 
 
 def train_tagger(

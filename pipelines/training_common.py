@@ -1,0 +1,95 @@
+"""Plumbing shared by the Ray Train jobs (tagger and separator training).
+
+- :func:`scheduled_lr`: the learning rate at an optimizer step (warm-up, then constant or
+  cosine), a pure function of the step, so a resumed run needs only its step count;
+- :func:`ray_storage`: a local folder or ``s3://`` URI as Ray Train's ``storage_path`` and
+  ``storage_filesystem``;
+- :func:`write_folder`: write a checkpoint folder to a local path or an ``s3://`` prefix.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import pyarrow.fs as pafs
+
+from pipelines.schemas import resolve_filesystem
+from uss_core.errors import ConfigError
+
+WARMUPS = ("linear", "staged")
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def scheduled_lr(
+    step: int,
+    lr: float,
+    warmup_steps: int,
+    total_steps: int,
+    warmup: str = "linear",
+    schedule: str = "constant",
+) -> float:
+    """Learning rate at optimizer step ``step`` (0-based).
+
+    Warm-up over the first steps (none if ``warmup_steps`` is 0):
+
+    - ``"linear"``: ``lr * (step + 1) / warmup_steps`` for ``step < warmup_steps``;
+    - ``"staged"``: the USS reference's ``constant_warm_up``: ``lr`` times 0.001, 0.01 and 0.1
+      for ``warmup_steps`` steps each (``3 * warmup_steps`` in all).
+
+    After it, ``"constant"`` keeps ``lr``; ``"cosine"`` decays it to 0 at ``total_steps``.
+    """
+    if warmup not in WARMUPS:
+        raise ConfigError(f"warm-up must be one of {WARMUPS}, got {warmup!r}")
+    if schedule not in LR_SCHEDULES:
+        raise ConfigError(f"lr schedule must be one of {LR_SCHEDULES}, got {schedule!r}")
+    warmup_end = warmup_steps * (3 if warmup == "staged" else 1)
+    if step < warmup_end:
+        if warmup == "linear":
+            return lr * (step + 1) / warmup_steps
+        return lr * 10.0 ** (step // warmup_steps - 3)
+    if schedule == "cosine":
+        span = max(1, total_steps - warmup_end)
+        progress = min(1.0, (step - warmup_end) / span)
+        return lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return lr
+
+
+def ray_storage(uri: str | os.PathLike, filesystem: Any = None) -> tuple[str, pafs.FileSystem | None]:
+    """``(storage_path, storage_filesystem)`` for ``ray.train.RunConfig``.
+
+    A local path becomes an absolute path (no filesystem). A remote URI (``s3://bucket/prefix``)
+    becomes ``"bucket/prefix"`` and a pyarrow filesystem: ``filesystem`` (pyarrow or fsspec,
+    e.g. an ``s3fs.S3FileSystem`` with its endpoint) or one from the URI and the standard AWS
+    environment. Ray refuses an ``s3://`` path together with a filesystem, hence the split.
+    """
+    fs, path = resolve_filesystem(str(uri), filesystem)
+    if isinstance(fs, pafs.LocalFileSystem):
+        return path, None
+    return path, fs
+
+
+def write_folder(out_uri: str, write: Callable[[Path], Any], filesystem: Any = None) -> str:
+    """Write a folder to ``out_uri`` (a local path or a remote prefix such as ``s3://...``).
+
+    ``write(path)`` creates the folder at ``path`` (e.g. ``save_checkpoint``, which replaces it
+    atomically). A remote target is written to a temporary folder, then uploaded over what is
+    there. Returns ``out_uri``.
+    """
+    fs, path = resolve_filesystem(out_uri, filesystem)
+    if isinstance(fs, pafs.LocalFileSystem):
+        write(Path(path))
+        return out_uri
+    with tempfile.TemporaryDirectory(prefix="uss-export-") as tmp:
+        local = Path(tmp) / "folder"
+        write(local)
+        fs.delete_dir_contents(path, missing_dir_ok=True)
+        fs.create_dir(path, recursive=True)
+        pafs.copy_files(str(local), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    return out_uri
+
+
+__all__ = ["LR_SCHEDULES", "WARMUPS", "ray_storage", "scheduled_lr", "write_folder"]
