@@ -20,7 +20,10 @@ COMMANDS = {
     "mine": ("jobs.mine", "mine 2-s anchors of every labelled class with the sound event detector"),
     "anchor-accuracy": ("jobs.anchor_accuracy", "score mined anchors against the demo corpus's true events"),
     "mix": ("jobs.mix", "mix anchors into training mixtures and an evaluation set"),
+    "train": ("jobs.train", "train the separator on the mixtures with Ray Train, registered in MLflow"),
     "evaluate": ("jobs.evaluate", "SDRi / SI-SDRi per class of a separator on an evaluation set"),
+    "bulk-separate": ("jobs.separate", "separate a whole archive (folder, s3:// prefix or URI list) on Ray"),
+    "demo": ("jobs.demo", "the whole system end to end on the embedded demo corpus"),
 }
 
 

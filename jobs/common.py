@@ -20,6 +20,24 @@ from typing import Any, Iterator
 from uss_core.config import to_dict
 
 EXPERIMENT = "uss-at-scale"
+PRESETS_DIR = Path(__file__).resolve().parent / "presets"
+
+
+def preset_path(name_or_path: str, family: str) -> Path:
+    """A preset name (``jobs/presets/<name>.yaml``) or a YAML file path; ``family`` (e.g.
+    ``"tagger"``) names the presets listed when the name is unknown."""
+    from uss_core.errors import ConfigError
+
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"preset file not found: {path}")
+        return path
+    candidate = PRESETS_DIR / f"{name_or_path}.yaml"
+    if not candidate.is_file():
+        known = sorted(p.stem for p in PRESETS_DIR.glob(f"{family}-*.yaml"))
+        raise ConfigError(f"unknown preset {name_or_path!r}; presets: {', '.join(known)} (or a path to a YAML file)")
+    return candidate
 
 
 def workspace_dir() -> Path:

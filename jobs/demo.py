@@ -176,7 +176,7 @@ def run_demo(config: DemoConfig, root: Path) -> dict:
         "--anchors", paths.anchors, "--out", paths.mixtures, "--seed", config.seed,
         "--eval-out", paths.eval_mixtures, "--eval-per-class", config.eval_per_class,
         "--eval-fraction", config.eval_fraction]))
-    train_args = ["--mixtures", paths.mixtures, "--eval", paths.eval_mixtures, "--condition-tagger", paths.tagger,
+    train_args = ["--mixtures", paths.mixtures, "--anchors", paths.anchors, "--eval", paths.eval_mixtures, "--condition-tagger", paths.tagger,
                   "--labels-csv", labels_csv, "--preset", config.separator_preset, "--out", paths.separator,
                   "--run-name", "demo-separator"]
     if config.separator_steps:

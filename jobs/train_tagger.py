@@ -17,28 +17,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-from pathlib import Path
 
-from jobs.common import connect_ray, mlflow_run, tracking_uri, workspace_dir
+from jobs.common import connect_ray, mlflow_run, preset_path, tracking_uri, workspace_dir
 from pipelines.tagger_training import DatasetSummary, TaggerTrainingConfig, train_tagger
 from uss_core.config import load_yaml
-from uss_core.errors import ConfigError
 from uss_core.ontology import LabelSet, load_label_set
 
-PRESETS_DIR = Path(__file__).resolve().parent / "presets"
 DEFAULT_PRESET = "tagger-cpu-small"
-
-
-def preset_path(name_or_path: str) -> Path:
-    """A preset name (``jobs/presets/<name>.yaml``) or a YAML file path."""
-    path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.exists():
-        return path
-    candidate = PRESETS_DIR / f"{name_or_path}.yaml"
-    if not candidate.is_file():
-        known = sorted(p.stem for p in PRESETS_DIR.glob("tagger-*.yaml"))
-        raise ConfigError(f"unknown preset {name_or_path!r}; presets: {', '.join(known)} (or a path to a YAML file)")
-    return candidate
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_config(args: argparse.Namespace) -> TaggerTrainingConfig:
-    config = load_yaml(TaggerTrainingConfig, preset_path(args.preset))
+    config = load_yaml(TaggerTrainingConfig, preset_path(args.preset, "tagger"))
     overrides = {
         name: getattr(args, name)
         for name in (

@@ -9,8 +9,9 @@ PIP=".venv/bin/python -m pip"
 $PIP install -q --upgrade pip
 # CPU build of torch, pinned: an unpinned torch pulls a multi-GB CUDA build.
 $PIP install -q "torch==2.13.0"
-$PIP install -q -e ".[test,reference]"
 # Installed without their declared dependencies: uss 0.0.4 pins old versions of everything
 # (its real imports are in the `reference` extra); tinysoundfont declares pyaudio, which it
 # does not need for offline rendering and which does not build without PortAudio.
+# Before the project: the reference also installs a `uss` command, which ours must replace.
 $PIP install -q --no-deps "uss==0.0.4" "tinysoundfont==0.3.7"
+$PIP install -q -e ".[test,reference]"
