@@ -43,6 +43,9 @@ from tests.test_bulk_separation import (
     tiny_checkpoint,
 )
 
+# Three to four minutes on 2 cores (cluster start, three jobs, shutdown): in the slow set.
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent  # the venv's bin: ray, moto_server, and the jobs' python
 BUCKET = "uss-cluster"
@@ -56,14 +59,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _wait_until(check, timeout: float, what: str, interval: float = 0.5):
+def _wait_until(check, timeout: float, what: str, interval: float = 0.5, what_now=None):
+    """Poll ``check()`` until it returns something true (returned); ``what_now()`` describes
+    the last state seen in the timeout error."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = check()
         if value:
             return value
         time.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+    seen = f" (last seen: {what_now()})" if what_now is not None else ""
+    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}{seen}")
 
 
 def _http_ok(url: str) -> bool:
@@ -237,7 +243,16 @@ def test_killed_job_reruns_to_identical_outputs(cluster, archive, uninterrupted)
     assert started.returncode == 0, started.stdout + started.stderr
     finished_before_kill = _wait_until(lambda: len(_markers(fs, key)) >= 3 and len(_markers(fs, key)), 180, "3 inputs done", 0.2)
     cluster.ray("job", "stop", "bulk-killed")
-    _wait_until(lambda: "STOPPED" in cluster.ray("job", "status", "bulk-killed"), 60, "the job to stop")
+    # The job server's own answer (the CLI's wording of a status varies between Ray versions).
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(cluster.dashboard)
+    _wait_until(
+        lambda: client.get_job_status("bulk-killed") == JobStatus.STOPPED,
+        60,
+        "the job to stop",
+        what_now=lambda: client.get_job_status("bulk-killed"),
+    )
     time.sleep(2)  # the job's actors are killed with its driver
     complete = len(_markers(fs, key))
     assert finished_before_kill <= complete < NUM_GOOD, "the job was not stopped part way"

@@ -97,6 +97,8 @@ def config_for(input_uri, output_uri, checkpoint, **overrides) -> BulkSeparation
 
 
 def manifest_records(uri, filesystem=None) -> list[ManifestRow]:
+    if hasattr(filesystem, "invalidate_cache"):
+        filesystem.invalidate_cache()  # s3fs caches listings; the job wrote from other processes
     fs, path = resolve_filesystem(str(uri), filesystem)
     with fs.open_input_file(path) as f:
         table = pq.read_table(f)
@@ -162,9 +164,10 @@ def test_output_inside_input_is_refused(tmp_path, s3_server):
     with pytest.raises(ConfigError, match="inside the input folder"):
         check_output_location(str(tmp_path / "in"), str(tmp_path / "in" / "stems"))
     check_output_location(str(tmp_path / "in"), str(tmp_path / "in-stems"))
-    s3_server.fs.pipe(f"{s3_server.bucket}/archive/a.wav", b"")
+    # Its own prefix: the bucket is shared by the session (the S3 job test lists "archive").
+    s3_server.fs.pipe(f"{s3_server.bucket}/refused/a.wav", b"")
     with pytest.raises(ConfigError, match="inside the input folder"):
-        check_output_location(s3_server.uri("archive"), s3_server.uri("archive/out"), s3_server.fs)
+        check_output_location(s3_server.uri("refused"), s3_server.uri("refused/out"), s3_server.fs)
 
 
 def test_stem_paths_and_job_signature():
@@ -302,6 +305,8 @@ def test_example_audio_and_hierarchy_queries(tmp_path, audioset_dir):
 
 def stem_digests(fs, prefix: str) -> dict[str, str]:
     """sha256 of every file under ``prefix`` outside the job state and the manifest."""
+    # s3fs answers from listings it cached earlier; other processes (the job) changed the bucket.
+    fs.invalidate_cache()
     out = {}
     for path in fs.find(prefix):
         relative = path[len(prefix) + 1 :]
@@ -312,13 +317,14 @@ def stem_digests(fs, prefix: str) -> dict[str, str]:
 
 
 def test_s3_job_reruns_exactly_once(tmp_path, checkpoint, s3_server, ray_local):
-    fs, bucket = s3_server.fs, s3_server.bucket
+    # Under its own prefix: the bucket is shared by the whole test session.
+    fs, bucket = s3_server.fs, f"{s3_server.bucket}/bulk"
     for i in range(4):
         fs.pipe(f"{bucket}/archive/{'deep/' if i % 2 else ''}clip{i}.flac", flac_bytes(noise(2.0 + i / 2, seed=i)))
     fs.pipe(f"{bucket}/archive/broken.wav", b"RIFF....WAVEfmt junk")
     fs.put(str(checkpoint), f"{bucket}/models/tiny", recursive=True)
     config = config_for(
-        s3_server.uri("archive"), s3_server.uri("stems"), s3_server.uri("models/tiny"), actors=2, files_per_task=1
+        s3_server.uri("bulk/archive"), s3_server.uri("bulk/stems"), s3_server.uri("bulk/models/tiny"), actors=2, files_per_task=1
     )
     progress = []
     first = run_bulk_separation(config, fs, job_id="run-1", on_progress=progress.append)
@@ -327,7 +333,7 @@ def test_s3_job_reruns_exactly_once(tmp_path, checkpoint, s3_server, ray_local):
     assert [p.finished for p in progress] == sorted(p.finished for p in progress) and progress[-1].finished == 5
     rows = manifest_records(first.manifest_uri, fs)
     assert [r.relative_path for r in rows] == ["broken.wav", "clip0.flac", "clip2.flac", "deep/clip1.flac", "deep/clip3.flac"]
-    assert {r.model_uri for r in rows} == {s3_server.uri("models/tiny")} and len({r.model_sha256 for r in rows}) == 1
+    assert {r.model_uri for r in rows} == {s3_server.uri("bulk/models/tiny")} and len({r.model_sha256 for r in rows}) == 1
     stems = stem_digests(fs, f"{bucket}/stems")
     assert sorted(stems) == sorted(f"{r.relative_path}/{n}.flac" for r in rows[1:] for n in ("Alpha", "Beta + Gamma"))
     for r in rows[1:]:
