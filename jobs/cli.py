@@ -23,6 +23,7 @@ COMMANDS = {
     "train": ("jobs.train", "train the separator on the mixtures with Ray Train, registered in MLflow"),
     "evaluate": ("jobs.evaluate", "SDRi / SI-SDRi per class of a separator on an evaluation set"),
     "bulk-separate": ("jobs.separate", "separate a whole archive (folder, s3:// prefix or URI list) on Ray"),
+    "ablate": ("jobs.ablate", "the paper's ablation axes on the demo data, as one comparison table"),
     "demo": ("jobs.demo", "the whole system end to end on the embedded demo corpus"),
 }
 

@@ -71,7 +71,9 @@ def connect_ray(num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+        # The dashboard also serves the state API, which Ray Train's placement-group cleaner polls
+        # (without it every poll logs a warning); on loopback only.
+        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
 
 
 def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:

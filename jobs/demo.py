@@ -32,12 +32,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-from jobs.common import connect_ray, tracking_uri, workspace_dir
+from jobs.common import connect_ray, preset_path, tracking_uri, workspace_dir
 from uss_core.config import load_yaml
 from uss_core.errors import UssError
-
-PRESETS_DIR = Path(__file__).resolve().parent / "presets"
-
 
 @dataclass(frozen=True)
 class DemoConfig:
@@ -235,9 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     name = args.preset or ("demo-quick" if args.quick else "demo")
-    path = Path(name) if name.endswith((".yaml", ".yml")) else PRESETS_DIR / f"{name}.yaml"
-    if not path.is_file():
-        raise UssError(f"no demo preset {name!r} (looked for {path})")
+    path = preset_path(name, "demo")
     config = load_yaml(DemoConfig, path)
     root = Path(args.out).resolve() if args.out else workspace_dir() / path.stem
     summary = run_demo(config, root)

@@ -320,10 +320,13 @@ def training_dataset(data: TrainingData, config: SeparatorTrainingConfig, filesy
         keep = pa.array(_training_anchor_ids(data.mixtures_uri, filesystem))
         columns = ["anchor_id", "class_index", "clip_label_indexes", "waveform"] + ([column] if column else [])
         ds = ray.data.read_parquet(files, filesystem=fs, shuffle=shuffle).select_columns(columns)
-        return ds.map_batches(_keep_anchors, fn_kwargs={"keep": keep}, batch_format="pyarrow")
-    fs, files = _files(data.mixtures_uri, filesystem, "a mixtures dataset (the mixing stage's output)")
-    columns = ["mixture", "target", "target_class_index"] + ([column] if column else [])
-    return ray.data.read_parquet(files, filesystem=fs, shuffle=shuffle).select_columns(columns)
+        ds = ds.map_batches(_keep_anchors, fn_kwargs={"keep": keep}, batch_format="pyarrow")
+    else:
+        fs, files = _files(data.mixtures_uri, filesystem, "a mixtures dataset (the mixing stage's output)")
+        columns = ["mixture", "target", "target_class_index"] + ([column] if column else [])
+        ds = ray.data.read_parquet(files, filesystem=fs, shuffle=shuffle).select_columns(columns)
+    ds.context.enable_progress_bars = False  # one bar per pass over the data: noise; [train] lines report progress
+    return ds
 
 
 # --------------------------------------------------------------------------------------------

@@ -267,3 +267,49 @@ def test_two_worker_run_killed_after_a_checkpoint_resumes_with_its_step_and_opti
     # AdamW's step counter lives in the optimizer state: it continued, not restarted.
     assert all(int(s["step"]) == killed_at + 4 for s in state["optimizer"]["state"].values())
     assert json.loads((out / "config.json").read_text())["metadata"]["step"] == killed_at + 4
+
+
+def test_job_logs_the_run_to_mlflow_and_registers_a_model_that_uss_separate_loads(dataset, tmp_path, ray_local, monkeypatch):
+    import soundfile
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    from jobs import separate_files
+    from jobs import train as train_job
+    from uss_core.config import to_dict
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the embedded store in the workspace
+    monkeypatch.setenv("USS_WORKSPACE", str(tmp_path / "ws"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "preset.yaml").write_text(yaml.safe_dump(to_dict(tiny_config(max_steps=4, eval_every=2))))
+    root = Path(dataset.mixtures_uri).parent
+    argv = ["--mixtures", dataset.mixtures_uri, "--anchors", dataset.anchors_uri, "--remix", "--eval", dataset.eval_uri,
+            "--condition-tagger", str(root / "tagger"), "--labels-csv", str(root / "labels.csv"),
+            "--preset", str(tmp_path / "preset.yaml"), "--out", str(tmp_path / "separator"), "--run-name", "tracked",
+            "--register-as", "tiny-separator"]
+    assert train_job.main(argv) == 0
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'ws' / 'mlflow.db'}")
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                filter_string="tags.`uss.job` = 'train'")
+    params = run.data.params
+    assert params["data.mixtures_uri"] == dataset.mixtures_uri and params["data.anchors_uri"] == dataset.anchors_uri
+    assert params["data.mixtures"] == "12" and params["data.train_anchors"] == "12" and params["data.eval_pairs"] == "6"
+    assert params["remix"] == "True" and params["max_steps"] == "4" and params["steps_done"] == "4"
+    losses = client.get_metric_history(run.info.run_id, "train_loss")
+    assert [m.step for m in losses] == [1, 2, 3, 4] and all(np.isfinite(m.value) for m in losses)
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_sdri")] == [2, 4]
+    assert "final_val_sdri" in run.data.metrics
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")} == {
+        "checkpoint/config.json", "checkpoint/model.safetensors"}
+    (version,) = client.search_model_versions("name = 'tiny-separator'")
+    assert version.version == "1" and version.run_id == run.info.run_id
+
+    # The registered model is a checkpoint `uss separate` loads by its registry URI.
+    soundfile.write(tmp_path / "mix.wav", tone(600.0) + tone(900.0), RATE)
+    assert separate_files.main([str(tmp_path / "mix.wav"), "-o", str(tmp_path / "out"), "--checkpoint",
+                                "models:/tiny-separator/1", "--class", "Beta", "--device", "cpu", "--quiet"]) == 0
+    stem, rate = soundfile.read(tmp_path / "out" / "mix" / "Beta.wav")
+    assert rate == RATE and stem.shape == (SAMPLES,)
+    manifest = json.loads((tmp_path / "out" / "mix" / "manifest.json").read_text())
+    assert "models:/tiny-separator/1" in json.dumps(manifest)
