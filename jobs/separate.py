@@ -70,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--gpus-per-actor", type=float, default=d.gpus_per_actor, help="GPUs per actor, fractional allowed (default %(default)s)")
     r.add_argument("--torch-threads", type=int, default=d.torch_threads, help="torch threads per actor (default %(default)s)")
     r.add_argument("--files-per-task", type=int, default=d.files_per_task, help="inputs per actor call (default %(default)s)")
+    r.add_argument("--memory-per-actor", type=float, metavar="GIB", help="memory (GiB) Ray reserves per actor (default: none)")
     r.add_argument("--scratch-dir", help="local scratch folder for stems before upload (default: system temp)")
     return p
 
@@ -102,6 +103,7 @@ def config_from_args(args: argparse.Namespace) -> BulkSeparationConfig:
         gpus_per_actor=args.gpus_per_actor,
         torch_threads=args.torch_threads,
         files_per_task=args.files_per_task,
+        memory_per_actor_gb=args.memory_per_actor,
         scratch_dir=args.scratch_dir,
     )
 

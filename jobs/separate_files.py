@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from uss_core.audio import AUDIO_EXTENSIONS, AudioFileWriter, load_audio, open_audio_stream
+from pipelines.model_store import local_checkpoint
 from uss_core.checkpoints import load_model
 from uss_core.errors import ConfigError, UssError
 from uss_core.ontology import LabelSet, load_ontology, safe_filename
@@ -46,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="audio files or folders of audio files")
     p.add_argument("-o", "--output-dir", required=True, help="where to write the results")
-    p.add_argument("--checkpoint", required=True, help="uss-at-scale checkpoint folder or official USS .ckpt")
+    p.add_argument("--checkpoint", required=True,
+                   help="uss-at-scale checkpoint folder or official USS .ckpt; local, s3:// or models:/NAME/VERSION")
     p.add_argument("--tagger-checkpoint", help="PANNs Cnn14 checkpoint used to detect active segments")
     p.add_argument("--labels-csv", help="label set (class_labels_indices.csv format) for an official checkpoint")
     p.add_argument("--metadata-dir", help="folder with AudioSet ontology.json and class_labels_indices.csv")
@@ -235,7 +237,14 @@ def main(argv: list[str] | None = None) -> int:
     files = _collect_inputs(args.inputs)
     labels = LabelSet.from_csv(args.labels_csv) if args.labels_csv else None
     t0 = time.perf_counter()
-    loaded = load_model(args.checkpoint, labels, args.tagger_checkpoint, args.metadata_dir)
+    # Local paths, s3:// URIs and MLflow model URIs (models:/NAME/VERSION) alike.
+    path, downloaded = local_checkpoint(args.checkpoint)
+    try:
+        loaded = load_model(path, labels, args.tagger_checkpoint, args.metadata_dir)
+    finally:
+        if downloaded is not None:
+            downloaded.cleanup()
+    loaded.source = args.checkpoint
     config = SeparationConfig(
         segment_seconds=args.segment_seconds or loaded.model.config.segment_seconds,
         overlap=args.overlap,

@@ -23,6 +23,7 @@ import dataclasses
 import sys
 
 from jobs.common import connect_ray, mlflow_run, preset_path, tracking_uri, workspace_dir
+from pipelines.model_store import register_checkpoint
 from pipelines.separator_training import (
     DatasetSummary,
     SeparatorTrainingConfig,
@@ -148,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             mlflow.log_artifacts(f"{folder}/separator", artifact_path="checkpoint")
         version = None
         if args.register_as:
-            version = mlflow.register_model(f"runs:/{run.info.run_id}/checkpoint", args.register_as)
+            version = register_checkpoint(run.info.run_id, "checkpoint", args.register_as)
     registered = f"; registered as models:/{version.name}/{version.version}" if version else ""
     print(
         f"[train] done in {result.wall_seconds:.0f} s at step {result.steps}: validation SDRi "

@@ -66,6 +66,28 @@ def _download_mlflow(uri: str, target: str) -> Path:
     return find_checkpoint_folder(Path(local))
 
 
+def register_checkpoint(run_id: str, artifact_path: str, name: str) -> Any:
+    """Register the checkpoint folder logged as ``artifact_path`` of MLflow run ``run_id`` as a
+    new version of the registered model ``name`` (created if new); returns the ModelVersion, whose
+    ``models:/NAME/VERSION`` URI :func:`local_checkpoint` resolves.
+
+    A version made straight from the artifact location: ``mlflow.register_model("runs:/...")``
+    in MLflow 3 accepts only MLflow-format logged models, and the checkpoint folder is the
+    project's own format (config.json + safetensors, nothing pickled).
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow.MlflowClient()
+    try:
+        client.create_registered_model(name)
+    except MlflowException as exc:
+        if "already exists" not in str(exc).lower() and getattr(exc, "error_code", "") != "RESOURCE_ALREADY_EXISTS":
+            raise
+    source = mlflow.get_run(run_id).info.artifact_uri.rstrip("/") + "/" + artifact_path
+    return client.create_model_version(name, source=source, run_id=run_id)
+
+
 def local_checkpoint(uri: str, filesystem: Any = None) -> tuple[Path, tempfile.TemporaryDirectory | None]:
     """A local path for the checkpoint at ``uri`` (a folder or a file), and the temporary folder
     that holds it if it was copied from remote storage (clean it up when done)."""

@@ -430,7 +430,11 @@ def _train_loop(loop_config: dict) -> None:
     if checkpoint is not None:
         step, history = _restore(checkpoint, net, optimizer)
         print(f"[train] rank {rank}: resumed at step {step}", flush=True)
-    model = ray.train.torch.prepare_model(_TrainingForward(net))  # to the device; DDP when world > 1
+    # To the device; DDP when world > 1. The reference's decoder blocks carry a bn2 and a FiLM beta2
+    # that their forward never uses (kept for state-dict compatibility): DDP must expect them unused.
+    model = ray.train.torch.prepare_model(
+        _TrainingForward(net), parallel_strategy_kwargs={"find_unused_parameters": True}
+    )
     net.train()
     autocast = config.use_gpu and config.mixed_precision and device.type == "cuda"
     shard = ray.train.get_dataset_shard("train")
