@@ -112,3 +112,26 @@ def mlflow_run(job: str, config: Any = None, run_name: str | None = None, tags: 
             # MLflow caps parameter values at 6000 characters; long lists are summarised.
             mlflow.log_params({k: (str(v) if len(str(v)) < 500 else str(v)[:497] + "...") for k, v in params.items()})
         yield run
+
+
+class MlflowMetricLogger:
+    """Logs the ``keys`` of a metrics dict to MLflow run ``run_id``, at step ``metrics[step_key]``.
+
+    Picklable, for Ray Train report callbacks (they run in the Ray Train controller, another
+    process): it carries the tracking URI and run id, not a client.
+    """
+
+    def __init__(self, tracking_uri: str, run_id: str, keys: tuple[str, ...], step_key: str) -> None:
+        self.tracking_uri = tracking_uri
+        self.run_id = run_id
+        self.keys = keys
+        self.step_key = step_key
+
+    def __call__(self, metrics: dict) -> None:
+        import mlflow
+
+        client = mlflow.MlflowClient(self.tracking_uri)
+        step = int(metrics[self.step_key])
+        for key in self.keys:
+            if key in metrics:
+                client.log_metric(self.run_id, key, float(metrics[key]), step=step)

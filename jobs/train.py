@@ -22,7 +22,7 @@ import argparse
 import dataclasses
 import sys
 
-from jobs.common import connect_ray, mlflow_run, preset_path, tracking_uri, workspace_dir
+from jobs.common import MlflowMetricLogger, connect_ray, mlflow_run, preset_path, tracking_uri, workspace_dir
 from pipelines.model_store import register_checkpoint
 from pipelines.separator_training import (
     DatasetSummary,
@@ -34,6 +34,7 @@ from uss_core.config import load_yaml
 from uss_core.models.query_nets import CONDITION_TYPES
 from uss_core.ontology import LabelSet, load_label_set
 
+METRIC_KEYS = ("train_loss", "lr", "examples_per_second", "val_sdri", "val_si_sdri", "val_irm_sdri")  # logged to MLflow per report
 DEFAULT_PRESET = "separator-cpu-small"
 DEFAULT_MODEL_NAME = "uss-separator"
 # Command-line overrides of preset fields: (flag dest, field name).
@@ -89,26 +90,6 @@ def load_config(args: argparse.Namespace) -> SeparatorTrainingConfig:
     return dataclasses.replace(config, **overrides)
 
 
-class MlflowReportLogger:
-    """Logs one report's metrics to an MLflow run, step = optimizer step (picklable: it runs in
-    the Ray Train controller)."""
-
-    KEYS = ("train_loss", "lr", "examples_per_second", "val_sdri", "val_si_sdri", "val_irm_sdri")
-
-    def __init__(self, tracking_uri: str, run_id: str) -> None:
-        self.tracking_uri = tracking_uri
-        self.run_id = run_id
-
-    def __call__(self, metrics: dict) -> None:
-        import mlflow
-
-        client = mlflow.MlflowClient(self.tracking_uri)
-        step = int(metrics["step"])
-        for key in self.KEYS:
-            if key in metrics:
-                client.log_metric(self.run_id, key, float(metrics[key]), step=step)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     config = load_config(args)
@@ -139,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
             config, data, args.out, labels, args.condition_tagger,
             storage_path=args.storage or workspace_dir() / "ray_results",
             run_name=args.run_name,
-            on_report=MlflowReportLogger(tracking_uri(), run.info.run_id),
+            on_report=MlflowMetricLogger(tracking_uri(), run.info.run_id, METRIC_KEYS, "step"),
             on_summary=on_summary,
         )
         final = {name: result.last(name) for name in ("train_loss", "val_sdri", "val_si_sdri", "val_irm_sdri")}

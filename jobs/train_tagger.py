@@ -18,11 +18,12 @@ import argparse
 import dataclasses
 import sys
 
-from jobs.common import connect_ray, mlflow_run, preset_path, tracking_uri, workspace_dir
+from jobs.common import MlflowMetricLogger, connect_ray, mlflow_run, preset_path, tracking_uri, workspace_dir
 from pipelines.tagger_training import DatasetSummary, TaggerTrainingConfig, train_tagger
 from uss_core.config import load_yaml
 from uss_core.ontology import LabelSet, load_label_set
 
+METRIC_KEYS = ("train_loss", "val_loss", "val_mAP", "lr", "epoch_seconds")  # logged to MLflow per report
 DEFAULT_PRESET = "tagger-cpu-small"
 
 
@@ -72,25 +73,6 @@ def load_config(args: argparse.Namespace) -> TaggerTrainingConfig:
     return dataclasses.replace(config, **overrides)
 
 
-class MlflowEpochLogger:
-    """Logs one epoch's metrics to an MLflow run (picklable: runs in the Ray Train controller)."""
-
-    KEYS = ("train_loss", "val_loss", "val_mAP", "lr", "epoch_seconds")
-
-    def __init__(self, tracking_uri: str, run_id: str) -> None:
-        self.tracking_uri = tracking_uri
-        self.run_id = run_id
-
-    def __call__(self, metrics: dict) -> None:
-        import mlflow
-
-        client = mlflow.MlflowClient(self.tracking_uri)
-        step = int(metrics["epoch"])
-        for key in self.KEYS:
-            if key in metrics:
-                client.log_metric(self.run_id, key, float(metrics[key]), step=step)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     config = load_config(args)
@@ -131,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             labels,
             storage_path=workspace_dir() / "ray_results",
             run_name=args.run_name,
-            on_epoch=MlflowEpochLogger(tracking_uri(), run.info.run_id),
+            on_epoch=MlflowMetricLogger(tracking_uri(), run.info.run_id, METRIC_KEYS, "epoch"),
             on_summary=on_summary,
         )
         mlflow.log_metrics(

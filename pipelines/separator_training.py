@@ -45,6 +45,7 @@ Use::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -60,12 +61,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 import torch.nn as nn
-from ray.train import UserCallback
 
 from pipelines.mixing import mix
 from pipelines.model_store import local_checkpoint
 from pipelines.schemas import count_rows, list_column_to_numpy, list_parquet_files, read_table, resolve_filesystem
-from pipelines.training_common import LR_SCHEDULES, WARMUPS, ray_storage, scheduled_lr, write_folder
+from pipelines.training_common import LR_SCHEDULES, WARMUPS, ReportCallback, ray_storage, scheduled_lr, write_folder
 from uss_core.config import from_dict, to_dict
 from uss_core.errors import ConfigError
 from uss_core.models.query_nets import CONDITION_TYPES, QueryNetConfig
@@ -537,25 +537,6 @@ def _report_line(metrics: dict, max_steps: int) -> str:
     return line
 
 
-class _ReportCallback(UserCallback):
-    """Runs in the Ray Train controller: prints rank 0's metrics of every report and hands them
-    to ``on_report`` (which must pickle)."""
-
-    def __init__(self, on_report: Callable[[dict], None] | None, max_steps: int) -> None:
-        self.on_report = on_report
-        self.max_steps = max_steps
-
-    def after_report(self, run_context, metrics, checkpoint) -> None:
-        if not metrics or "train_loss" not in metrics[0]:
-            return
-        print(_report_line(metrics[0], self.max_steps), flush=True)
-        if self.on_report is not None:
-            try:
-                self.on_report(dict(metrics[0]))
-            except Exception as exc:  # tracking must not kill a training run
-                print(f"[train] warning: report callback failed: {type(exc).__name__}: {exc}", flush=True)
-
-
 @dataclass
 class SeparatorTrainingResult:
     """What a run produced: the exported checkpoint, the reported metrics and the data it read."""
@@ -673,7 +654,8 @@ def train_separator(
             storage_path=storage,
             storage_filesystem=storage_fs,
             checkpoint_config=CheckpointConfig(num_to_keep=2),
-            callbacks=[_ReportCallback(on_report, config.max_steps)],
+            callbacks=[ReportCallback(functools.partial(_report_line, max_steps=config.max_steps), on_report,
+                                      "train_loss", "train")],
         ),
     )
     result = trainer.fit()

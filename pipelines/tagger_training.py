@@ -42,6 +42,7 @@ Use::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -55,10 +56,10 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
-from ray.train import DataConfig, UserCallback
+from ray.train import DataConfig
 
 from pipelines.schemas import list_column_to_arrays, list_parquet_files, resolve_filesystem
-from pipelines.training_common import LR_SCHEDULES, scheduled_lr, write_folder
+from pipelines.training_common import LR_SCHEDULES, ReportCallback, scheduled_lr, write_folder
 from uss_core.config import from_dict, to_dict
 from uss_core.errors import ConfigError
 from uss_core.models.panns import Cnn14Config
@@ -639,25 +640,6 @@ def _epoch_line(metrics: dict, epochs: int) -> str:
     )
 
 
-class _EpochCallback(UserCallback):
-    """Runs in the Ray Train controller (an actor on the driver's node): prints one line per
-    epoch and hands rank 0's metrics to ``on_epoch`` (which must pickle)."""
-
-    def __init__(self, on_epoch: Callable[[dict], None] | None, epochs: int) -> None:
-        self.on_epoch = on_epoch
-        self.epochs = epochs
-
-    def after_report(self, run_context, metrics, checkpoint) -> None:
-        if not metrics:
-            return
-        print(_epoch_line(metrics[0], self.epochs), flush=True)
-        if self.on_epoch is not None:
-            try:
-                self.on_epoch(dict(metrics[0]))
-            except Exception as exc:  # tracking must not kill a training run
-                print(f"[train_tagger] warning: epoch callback failed: {type(exc).__name__}: {exc}", flush=True)
-
-
 @dataclass
 class TaggerTrainingResult:
     """What a run produced: the exported checkpoint, per-epoch metrics and the data it read."""
@@ -748,7 +730,7 @@ def train_tagger(
             checkpoint_config=CheckpointConfig(
                 num_to_keep=2, checkpoint_score_attribute=METRIC, checkpoint_score_order="max"
             ),
-            callbacks=[_EpochCallback(on_epoch, config.epochs)],
+            callbacks=[ReportCallback(functools.partial(_epoch_line, epochs=config.epochs), on_epoch, METRIC, "train_tagger")],
         ),
     )
     result = trainer.fit()

@@ -4,7 +4,8 @@
   cosine), a pure function of the step, so a resumed run needs only its step count;
 - :func:`ray_storage`: a local folder or ``s3://`` URI as Ray Train's ``storage_path`` and
   ``storage_filesystem``;
-- :func:`write_folder`: write a checkpoint folder to a local path or an ``s3://`` prefix.
+- :func:`write_folder`: write a checkpoint folder to a local path or an ``s3://`` prefix;
+- :class:`ReportCallback`: prints each report of rank 0 and hands its metrics on (MLflow).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pyarrow.fs as pafs
+from ray.train import UserCallback
 
 from pipelines.schemas import resolve_filesystem
 from uss_core.errors import ConfigError
@@ -92,4 +94,28 @@ def write_folder(out_uri: str, write: Callable[[Path], Any], filesystem: Any = N
     return out_uri
 
 
-__all__ = ["LR_SCHEDULES", "WARMUPS", "ray_storage", "scheduled_lr", "write_folder"]
+class ReportCallback(UserCallback):
+    """Runs in the Ray Train controller (an actor on the driver's node): for every report of rank 0
+    that has ``required_key``, prints ``format_line(metrics)`` and hands the metrics to
+    ``on_report`` (both must pickle). A failing ``on_report`` is printed, never raised: tracking
+    must not kill a training run."""
+
+    def __init__(self, format_line: Callable[[dict], str], on_report: Callable[[dict], None] | None,
+                 required_key: str, job: str) -> None:
+        self.format_line = format_line
+        self.on_report = on_report
+        self.required_key = required_key
+        self.job = job
+
+    def after_report(self, run_context, metrics, checkpoint) -> None:
+        if not metrics or self.required_key not in metrics[0]:
+            return
+        print(self.format_line(metrics[0]), flush=True)
+        if self.on_report is not None:
+            try:
+                self.on_report(dict(metrics[0]))
+            except Exception as exc:
+                print(f"[{self.job}] warning: report callback failed: {type(exc).__name__}: {exc}", flush=True)
+
+
+__all__ = ["LR_SCHEDULES", "ReportCallback", "WARMUPS", "ray_storage", "scheduled_lr", "write_folder"]
