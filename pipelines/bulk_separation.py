@@ -235,8 +235,8 @@ class BulkSeparationConfig:
     (fractional allowed), ``torch_threads`` (per actor), ``files_per_task`` (inputs per actor
     call; 1 balances long files best), ``memory_per_actor_gb`` (GiB of memory Ray reserves
     per actor when placing actors: None reserves none; set it to pack nodes without running out
-    of memory: a ResUNet30 + Cnn14 actor with 3 queries and batches of 4 peaked at about 1.8 GB
-    here), ``scratch_dir`` (local scratch for stems before upload; default: the system temp
+    of memory: a ResUNet30 + Cnn14 actor with 3 queries and batches of 4 peaked at 2.2 GB
+    resident here), ``scratch_dir`` (local scratch for stems before upload; default: the system temp
     folder).
     """
 

@@ -378,6 +378,7 @@ def test_job_logs_metrics_and_manifest_to_mlflow(tmp_path, checkpoint, ray_local
     code = main([
         "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--checkpoint", str(checkpoint),
         "--class", "Alpha", "--class-id", "1+2", "--activity-threshold", "0", "--actors", "1", "--format", "wav",
+        "--memory-per-actor", "0.5",
     ])
     assert code == 0
     printed = capsys.readouterr().out

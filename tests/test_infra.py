@@ -128,6 +128,11 @@ def test_rayjob_manifest_runs_the_bulk_job():
         for g in spec["rayClusterSpec"]["workerGroupSpecs"]
     )
     assert config.actors * config.cpus_per_actor <= cpus
+    gib = sum(
+        g["replicas"] * int(g["template"]["spec"]["containers"][0]["resources"]["requests"]["memory"].removesuffix("Gi"))
+        for g in spec["rayClusterSpec"]["workerGroupSpecs"]
+    )
+    assert config.memory_per_actor_gb is not None and config.actors * config.memory_per_actor_gb <= gib
     assert config.torch_threads <= config.cpus_per_actor
 
 
