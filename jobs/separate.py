@@ -40,7 +40,7 @@ PROGRESS_INTERVAL_SECONDS = 10.0  # at most one progress line (and MLflow step) 
 def build_parser() -> argparse.ArgumentParser:
     d = BulkSeparationConfig(input="", output="", checkpoint="")
     p = argparse.ArgumentParser(
-        prog="python -m jobs.separate",
+        prog="uss bulk-separate",
         description=__doc__.split("\n\n")[0],
         epilog="Queries: one kind; none at all separates hierarchically at ontology levels 1 2 3.",
     )
