@@ -14,4 +14,5 @@ $PIP install -q "torch==2.13.0"
 # does not need for offline rendering and which does not build without PortAudio.
 # Before the project: the reference also installs a `uss` command, which ours must replace.
 $PIP install -q --no-deps "uss==0.0.4" "tinysoundfont==0.3.7"
-$PIP install -q -e ".[test,reference]"
+# --no-warn-conflicts: pip would report uss 0.0.4's deliberately missing pins as errors.
+$PIP install -q --no-warn-conflicts -e ".[test,reference]"
