@@ -49,7 +49,6 @@ import functools
 import json
 import math
 import os
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -621,6 +620,8 @@ def train_separator(
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from uss_core.checkpoints import load_model, read_checkpoint_document, save_checkpoint
+
     started = time.monotonic()
     summary = summarize_data(data, labels, config, filesystem)
     if on_summary is not None:
@@ -664,23 +665,11 @@ def train_separator(
     with result.checkpoint.as_directory() as folder:
         history = json.loads((Path(folder) / HISTORY_FILE).read_text())
         steps = int(torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)["step"])
-        source = Path(folder) / SEPARATOR_DIR
-        write_folder(out_uri, lambda path: _copy_folder(source, path), filesystem)
+        # Re-saved through the checkpoint writer (atomic replacement of what is at out_uri).
+        loaded = load_model(Path(folder) / SEPARATOR_DIR)
+        metadata = read_checkpoint_document(Path(folder) / SEPARATOR_DIR)["metadata"]
+        write_folder(out_uri, lambda path: save_checkpoint(loaded.model, loaded.labels, path, metadata), filesystem)
     return SeparatorTrainingResult(out_uri, steps, history, summary, result.checkpoint, time.monotonic() - started)
-
-
-def _copy_folder(source: Path, target: Path) -> None:
-    """Replace ``target`` with a copy of ``source`` (through a temporary sibling, then a rename)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        shutil.copytree(source, tmp, dirs_exist_ok=True)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 __all__ = [
