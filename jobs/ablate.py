@@ -37,7 +37,7 @@ class AblationVariant:
     name: str
     axis: str
     anchors: str = "max_area"
-    condition_type: str = "at_soft"
+    condition_type: str = "hard"  # the demo separator's (separator-cpu-small)
     separator_preset: str = "separator-cpu-small"
 
     def __post_init__(self) -> None:

@@ -23,6 +23,16 @@ EXPERIMENT = "uss-at-scale"
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"
 
 
+def add_query_arguments(parser) -> None:
+    """The query flags ``uss separate`` and ``uss bulk-separate`` share (one kind per run; none
+    at all separates hierarchically)."""
+    q = parser.add_argument_group("queries (choose one kind)")
+    q.add_argument("--class", dest="classes", action="append", default=[], metavar="LABEL", help="class name or mid; 'A+B' for a union")
+    q.add_argument("--class-id", dest="class_ids", action="append", default=[], metavar="N", help="class index; '0+1' for a union")
+    q.add_argument("--levels", nargs="+", type=int, default=[], metavar="L", help="ontology levels to separate hierarchically")
+    q.add_argument("--query-audio", action="append", default=[], metavar="URI", help="folder of example recordings")
+
+
 def preset_path(name_or_path: str, family: str) -> Path:
     """A preset name (``jobs/presets/<name>.yaml``) or a YAML file path; ``family`` (e.g.
     ``"tagger"``) names the presets listed when the name is unknown."""

@@ -25,6 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from jobs.common import add_query_arguments
 from pipelines.bulk_separation import (
     OUTPUT_FORMATS,
     BulkProgress,
@@ -50,11 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tagger-checkpoint", help="PANNs Cnn14 checkpoint used to detect active segments")
     p.add_argument("--labels-csv", help="label set of a checkpoint that carries none (official .ckpt)")
     p.add_argument("--metadata-dir", help="folder with AudioSet ontology.json and class_labels_indices.csv")
-    q = p.add_argument_group("queries (choose one kind)")
-    q.add_argument("--class", dest="classes", action="append", default=[], metavar="LABEL", help="class name or mid; 'A+B' for a union")
-    q.add_argument("--class-id", dest="class_ids", action="append", default=[], metavar="N", help="class index; '0+1' for a union")
-    q.add_argument("--levels", nargs="+", type=int, default=[], metavar="L", help="ontology levels to separate hierarchically")
-    q.add_argument("--query-audio", action="append", default=[], metavar="URI", help="folder of example recordings")
+    add_query_arguments(p)
     s = p.add_argument_group("separation")
     s.add_argument("--format", choices=OUTPUT_FORMATS, default=d.output_format, help="stem format (default %(default)s)")
     s.add_argument("--segment-seconds", type=float, help="segment length (default: the model's training length)")

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from uss_core.audio import AUDIO_EXTENSIONS, AudioFileWriter, load_audio, open_audio_stream
+from jobs.common import add_query_arguments
 from pipelines.model_store import local_checkpoint
+from uss_core.audio import AUDIO_EXTENSIONS, AudioFileWriter, load_audio, open_audio_stream
 from uss_core.checkpoints import load_model
 from uss_core.errors import ConfigError, UssError
 from uss_core.ontology import LabelSet, load_ontology, safe_filename
@@ -52,11 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tagger-checkpoint", help="PANNs Cnn14 checkpoint used to detect active segments")
     p.add_argument("--labels-csv", help="label set (class_labels_indices.csv format) for an official checkpoint")
     p.add_argument("--metadata-dir", help="folder with AudioSet ontology.json and class_labels_indices.csv")
-    q = p.add_argument_group("queries (choose one kind)")
-    q.add_argument("--class", dest="classes", action="append", default=[], metavar="LABEL", help="class name or mid")
-    q.add_argument("--class-id", dest="class_ids", action="append", default=[], metavar="N", help="class index")
-    q.add_argument("--query-audio", action="append", default=[], metavar="DIR", help="folder of example recordings")
-    q.add_argument("--levels", nargs="+", type=int, metavar="L", help="ontology levels to separate hierarchically")
+    add_query_arguments(p)
     s = p.add_argument_group("separation")
     s.add_argument("--segment-seconds", type=float, help="segment length (default: the model's training length)")
     s.add_argument("--overlap", type=float, default=SeparationConfig.overlap, help="fraction of segment overlap")

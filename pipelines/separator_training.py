@@ -88,8 +88,9 @@ class SeparatorTrainingConfig:
 
     Model: ``separator`` (its ``condition_size`` is set from the query net), ``condition_type``
     (``hard``, ``at_soft``, ``embedding``, ``adaptive``; adaptive's MLP: ``adaptor_bottleneck``,
-    ``adaptor_hidden``, ``adaptor_outputs``), ``segment_samples`` (training example length; the
-    data's must match). ``batch_size`` is global (split evenly over ``num_workers``).
+    ``adaptor_hidden``, ``adaptor_outputs``), ``segment_samples`` (the data's example length, which
+    must match), ``crop_samples`` (train on a random crop of that many samples of every example:
+    cheaper steps, so more pairings per second; None: the whole example). ``batch_size`` is global (split evenly over ``num_workers``).
     ``cpus_per_worker``: the Ray resource each worker reserves (keep the total below the
     cluster's CPUs so Ray Data keeps some to read with); ``torch_threads``: intra-op threads per
     worker (None: one per reserved CPU, at least one). ``use_gpu``: one GPU per worker (NCCL),
@@ -102,6 +103,7 @@ class SeparatorTrainingConfig:
     adaptor_hidden: int = 2048
     adaptor_outputs: int = 2048
     segment_samples: int = 64000
+    crop_samples: int | None = None
     max_steps: int = 1000
     batch_size: int = 16
     lr: float = 1e-3
@@ -143,6 +145,8 @@ class SeparatorTrainingConfig:
             (self.grad_clip_norm is None or self.grad_clip_norm > 0, "grad_clip_norm must be > 0 or null"),
             (self.remix_partner_gain_db >= 0, "remix_partner_gain_db must be >= 0"),
             (self.segment_samples >= self.separator.n_fft, f"segment_samples must be >= n_fft ({self.separator.n_fft})"),
+            (self.crop_samples is None or self.separator.n_fft <= self.crop_samples <= self.segment_samples,
+             f"crop_samples must be null or between n_fft ({self.separator.n_fft}) and segment_samples ({self.segment_samples})"),
             (self.checkpoint_every >= 1 and self.eval_every >= 1 and self.log_every >= 1,
              "checkpoint_every, eval_every and log_every must be >= 1"),
             (self.cpus_per_worker > 0, "cpus_per_worker must be > 0"),
@@ -238,6 +242,18 @@ def remix_batch(
         "rows": np.asarray(rows, dtype=np.int64),
         "partners": np.asarray(partners, dtype=np.int64),
     }
+
+
+def random_crop(mixture: np.ndarray, target: np.ndarray, crop_samples: int | None, rng: np.random.Generator):
+    """The same random window of ``crop_samples`` from each row of ``mixture`` and ``target``
+    ``(rows, samples)`` (a fresh offset per row); unchanged when ``crop_samples`` is None or the rows
+    are no longer."""
+    rows, samples = mixture.shape
+    if crop_samples is None or crop_samples >= samples:
+        return mixture, target
+    offsets = rng.integers(0, samples - crop_samples + 1, size=rows)
+    index = offsets[:, None] + np.arange(crop_samples)
+    return np.take_along_axis(mixture, index, axis=1), np.take_along_axis(target, index, axis=1)
 
 
 def separation_loss(estimate, target, kind: str, spec_weight: float = 1.0, n_fft: int = 2048, hop: int = 320):
@@ -474,6 +490,7 @@ def _train_loop(loop_config: dict) -> None:
                 mixture = np.stack([np.asarray(v, np.float32) for v in batch["mixture"]])
                 target = np.stack([np.asarray(v, np.float32) for v in batch["target"]])
                 bottleneck = bottleneck_rows(batch, column, num_classes, "target_class_index")
+            mixture, target = random_crop(mixture, target, config.crop_samples, rng)
             mixture_t = torch.from_numpy(mixture).to(device)
             target_t = torch.from_numpy(target).to(device)
             lr = scheduled_lr(step, config.lr, config.warmup_steps, config.max_steps, config.warmup, config.lr_schedule)

@@ -13,6 +13,7 @@ from uss_core.checkpoints import (
     reference_state_dict,
     save_checkpoint,
 )
+from uss_core.config import from_dict
 from uss_core.errors import CheckpointError, ConfigError
 from uss_core.models.frontend import InverseStft, Stft, mel_filterbank
 from uss_core.models.panns import Cnn14, Cnn14Config, Cnn14DecisionLevelMax
@@ -25,9 +26,9 @@ torch.set_num_threads(1)
 SMALL_TAGGER = Cnn14Config(classes_num=5, conv_channels=(8, 16, 32), embedding_size=32)
 
 
-def small_model(condition_type="at_soft", **query_kwargs) -> SeparatorModel:
+def small_model(condition_type="at_soft", separator_options: dict | None = None, **query_kwargs) -> SeparatorModel:
     query = QueryNetConfig(condition_type=condition_type, tagger=SMALL_TAGGER, adaptor_hidden=16, adaptor_outputs=12, **query_kwargs)
-    sep = ResUNetConfig(condition_size=query.condition_size, encoder_channels=(8, 16, 16))
+    sep = ResUNetConfig(condition_size=query.condition_size, encoder_channels=(8, 16, 16), **(separator_options or {}))
     return SeparatorModel(SeparatorModelConfig(separator=sep, query_net=query)).eval()
 
 
@@ -68,6 +69,25 @@ def test_small_resunet_any_length(samples):
         out = model(torch.randn(3, 1, samples), torch.rand(3, 7))
     assert out.shape == (3, 1, samples)
     assert torch.isfinite(out).all()
+
+
+def test_magnitude_mask_keeps_the_mixture_phase_and_log_input_is_an_option(tmp_path):
+    config = ResUNetConfig(condition_size=7, encoder_channels=(4, 8, 8), mask="magnitude", input_scale="log")
+    model = ResUNet(config).eval()
+    assert model.state_dict()["base.after_conv.weight"].shape == (1, 4, 1, 1)  # no phase maps
+    t = torch.arange(16000) / 32000
+    # Tones far below Nyquist: the net leaves the top bin at mask 1/2, as the reference does.
+    x = torch.stack([torch.sin(2 * torch.pi * 440 * t), 0.5 * torch.sin(2 * torch.pi * 3000 * t + 1.0)])[:, None]
+    with torch.no_grad():
+        model.base.after_conv.weight.zero_()
+        model.base.after_conv.bias.fill_(30.0)  # magnitude mask sigmoid(30) = 1: the mixture itself
+        assert torch.allclose(model(x, torch.rand(2, 7)), x, atol=1e-4)
+        model.base.after_conv.bias.fill_(0.0)  # mask 1/2, phase untouched: half the mixture
+        assert torch.allclose(model(x, torch.rand(2, 7)), 0.5 * x, atol=1e-4)
+    with pytest.raises(ConfigError, match="mask must be one of"):
+        from_dict(ResUNetConfig, {"mask": "phase"})
+    with pytest.raises(ConfigError, match="input_scale must be one of"):
+        from_dict(ResUNetConfig, {"input_scale": "db"})
 
 
 def test_eval_fused_norm_equals_batchnorm():
@@ -120,12 +140,14 @@ def test_unknown_condition_type_is_a_config_error():
 
 
 def test_own_checkpoint_round_trip(tmp_path):
-    model = small_model("adaptive")
+    model = small_model("adaptive", {"mask": "magnitude", "input_scale": "log"})
     path = save_checkpoint(model, five_labels(), tmp_path / "ckpt", metadata={"note": "test"})
     assert sorted(p.name for p in path.iterdir()) == ["config.json", "model.safetensors"]
     doc = json.loads((path / "config.json").read_text())
     assert doc["model"]["query_net"]["condition_type"] == "adaptive"
+    assert doc["model"]["separator"]["mask"] == "magnitude"
     loaded = load_model(path)
+    assert loaded.model.ss_model.config == model.ss_model.config
     assert loaded.labels == five_labels()
     x = torch.randn(2, 32000)
     with torch.inference_mode():

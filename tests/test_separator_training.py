@@ -37,6 +37,7 @@ from pipelines.separator_training import (
     TrainingData,
     bottleneck_rows,
     condition_column,
+    random_crop,
     remix_batch,
     separation_loss,
     separator_model_config,
@@ -130,6 +131,21 @@ def test_bottlenecks_per_condition_type():
     assert bottleneck_rows(batch, "condition_at_soft", 3, "target_class_index").shape == (2, 3)
 
 
+def test_random_crop_takes_the_same_window_of_mixture_and_target():
+    rng = np.random.default_rng(0)
+    mixture = np.arange(4 * 100, dtype=np.float32).reshape(4, 100)
+    target = -mixture
+    crop_m, crop_t = random_crop(mixture, target, 30, rng)
+    assert crop_m.shape == crop_t.shape == (4, 30)
+    assert np.array_equal(crop_t, -crop_m)
+    starts = crop_m[:, 0] - mixture[:, 0]
+    assert ((starts >= 0) & (starts <= 70)).all()
+    assert np.array_equal(crop_m, mixture[np.arange(4)[:, None], starts.astype(int)[:, None] + np.arange(30)])
+    assert random_crop(mixture, target, None, rng)[0] is mixture
+    with pytest.raises(ConfigError, match="crop_samples must be null or between"):
+        tiny_config(crop_samples=10)
+
+
 def test_losses():
     target = torch.from_numpy(np.stack([tone(440.0), tone(880.0)]))
     assert float(separation_loss(target, target, "l1_wav")) == 0.0
@@ -193,7 +209,7 @@ def dataset(tmp_path_factory) -> TrainingData:
 
 def test_adaptor_weights_change_and_remix_trains_on_training_anchors_only(dataset, tmp_path, ray_local):
     config = tiny_config(condition_type="adaptive", adaptor_hidden=6, adaptor_outputs=5, remix=True, max_steps=3,
-                         eval_every=3, checkpoint_every=3)
+                         eval_every=3, checkpoint_every=3, crop_samples=SAMPLES // 2)
     tagger_path = str(Path(dataset.mixtures_uri).parent / "tagger")
     torch.manual_seed(config.seed)
     from uss_core.checkpoints import SeparatorModel

@@ -71,7 +71,7 @@ def from_dict(cls: type[T], data: dict, where: str | None = None) -> T:
     kwargs = {k: _convert(v, hints[k], f"{where}.{k}") for k, v in data.items()}
     try:
         return cls(**kwargs)
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:  # missing fields, or a __post_init__ check
         raise ConfigError(f"{where}: {exc}") from None
 
 

@@ -6,7 +6,12 @@ reference's module and parameter names (``base.encoder_block1.conv_block1.bn1.we
 Width and depth are configurable for smaller presets that train on a CPU.
 
 The net predicts, per time-frequency bin, a magnitude mask (sigmoid) and a phase rotation
-(tanh real/imag, normalised), applied to the mixture STFT, then the inverse STFT.
+(tanh real/imag, normalised), applied to the mixture STFT, then the inverse STFT. Two options
+for small nets trained on a CPU (the defaults are the reference's): ``mask="magnitude"`` keeps
+the mixture's phase (no phase branch to learn first), ``input_scale="log"`` feeds the U-Net the
+log magnitude (quiet bins matter as much as loud ones); on the demo corpus both together
+leave the half-mixture plateau in a few hundred steps where the reference's choices take
+thousands (see README, "Training the separator").
 """
 
 from __future__ import annotations
@@ -19,6 +24,11 @@ import torch.nn.functional as F
 
 from uss_core.models.frontend import InverseStft, Stft
 from uss_core.models.init import init_bn, init_layer
+
+
+MASKS = ("complex", "magnitude")
+INPUT_SCALES = ("linear", "log")
+LOG_FLOOR = 1e-4  # added to the magnitude before the log: about -80 dB of a full-scale bin
 
 
 @dataclass(frozen=True)
@@ -36,11 +46,22 @@ class ResUNetConfig:
     hop_length: int = 320
     audio_channels: int = 1
     batchnorm_momentum: float = 0.01
+    mask: str = "complex"  # "complex": magnitude mask + phase rotation (reference); "magnitude"
+    input_scale: str = "linear"  # the U-Net's input: "linear" magnitude (reference) or "log"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "encoder_channels", tuple(int(c) for c in self.encoder_channels))
         if len(self.encoder_channels) < 2:
             raise ValueError("ResUNetConfig.encoder_channels needs at least two blocks")
+        if self.mask not in MASKS:
+            raise ValueError(f"ResUNetConfig.mask must be one of {MASKS}, not {self.mask!r}")
+        if self.input_scale not in INPUT_SCALES:
+            raise ValueError(f"ResUNetConfig.input_scale must be one of {INPUT_SCALES}, not {self.input_scale!r}")
+
+    @property
+    def mask_outputs(self) -> int:
+        """Output maps per audio channel: magnitude, phase real, phase imaginary (or magnitude only)."""
+        return 3 if self.mask == "complex" else 1
 
     @property
     def time_downsample_ratio(self) -> int:
@@ -186,7 +207,7 @@ class ResUNetBase(nn.Module):
             upsample = (1, 2) if i == 1 else (2, 2)
             self.add_module(f"decoder_block{i}", DecoderBlock(in_channels, out_channels, upsample, momentum))
             in_channels = out_channels
-        self.after_conv = nn.Conv2d(channels[0], config.audio_channels * 3, (1, 1))
+        self.after_conv = nn.Conv2d(channels[0], config.audio_channels * config.mask_outputs, (1, 1))
         self.depth = depth
         init_bn(self.bn0)
         init_layer(self.pre_conv)
@@ -207,7 +228,8 @@ class ResUNetBase(nn.Module):
         mag = torch.clamp(real**2 + imag**2, min=1e-10) ** 0.5
         cos_in, sin_in = real / mag, imag / mag
 
-        x = self.bn0(mag.transpose(1, 3)).transpose(1, 3)
+        x = torch.log(mag + LOG_FLOOR) if self.config.input_scale == "log" else mag
+        x = self.bn0(x.transpose(1, 3)).transpose(1, 3)
         frames = x.shape[2]
         ratio = self.config.time_downsample_ratio
         x = F.pad(x, (0, 0, 0, -frames % ratio))
@@ -227,16 +249,19 @@ class ResUNetBase(nn.Module):
         return self._apply_masks(x, mag, cos_in, sin_in, samples)
 
     def _apply_masks(self, x, mag, cos_in, sin_in, samples: int) -> torch.Tensor:
-        """Masks ``x: (batch, channels*3, frames, bins)`` applied to the mixture's STFT, inverted."""
+        """Masks ``x: (batch, channels * mask_outputs, frames, bins)`` applied to the mixture's STFT, inverted."""
         batch, audio_channels = mag.shape[:2]
-        x = x.reshape(batch, audio_channels, 3, *x.shape[2:])
+        x = x.reshape(batch, audio_channels, self.config.mask_outputs, *x.shape[2:])
         mask_mag = torch.sigmoid(x[:, :, 0])
-        mask_real = torch.tanh(x[:, :, 1])
-        mask_imag = torch.tanh(x[:, :, 2])
-        mask_norm = torch.clamp((mask_real**2 + mask_imag**2) ** 0.5, min=1e-10)
-        mask_cos, mask_sin = mask_real / mask_norm, mask_imag / mask_norm
-        out_cos = cos_in * mask_cos - sin_in * mask_sin
-        out_sin = sin_in * mask_cos + cos_in * mask_sin
+        if self.config.mask == "magnitude":
+            out_cos, out_sin = cos_in, sin_in
+        else:
+            mask_real = torch.tanh(x[:, :, 1])
+            mask_imag = torch.tanh(x[:, :, 2])
+            mask_norm = torch.clamp((mask_real**2 + mask_imag**2) ** 0.5, min=1e-10)
+            mask_cos, mask_sin = mask_real / mask_norm, mask_imag / mask_norm
+            out_cos = cos_in * mask_cos - sin_in * mask_sin
+            out_sin = sin_in * mask_cos + cos_in * mask_sin
         out_mag = F.relu(mag * mask_mag)
         out_real = (out_mag * out_cos).reshape(batch * audio_channels, 1, *mag.shape[2:])
         out_imag = (out_mag * out_sin).reshape(batch * audio_channels, 1, *mag.shape[2:])
