@@ -94,6 +94,18 @@ def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
         out[prefix] = value
 
 
+def log_training_outcome(metrics: dict, params: dict, ray_checkpoint: Any, subfolder: str = "") -> None:
+    """A training job's last MLflow records: its final ``metrics`` (NaN ones left out), ``params``,
+    and the exported checkpoint (``subfolder`` of the final Ray Train checkpoint) as the
+    ``checkpoint`` artifact, which the model registry and ``runs:/`` URIs point at."""
+    import mlflow
+
+    mlflow.log_metrics({k: v for k, v in metrics.items() if v == v})
+    mlflow.log_params(params)
+    with ray_checkpoint.as_directory() as folder:
+        mlflow.log_artifacts(str(Path(folder) / subfolder), artifact_path="checkpoint")
+
+
 @contextlib.contextmanager
 def mlflow_run(job: str, config: Any = None, run_name: str | None = None, tags: dict | None = None) -> Iterator[Any]:
     """An MLflow run for a job: config logged as flattened parameters, tagged ``uss.job``.

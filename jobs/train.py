@@ -22,9 +22,18 @@ import argparse
 import dataclasses
 import sys
 
-from jobs.common import MlflowMetricLogger, connect_ray, mlflow_run, preset_path, tracking_uri, workspace_dir
+from jobs.common import (
+    MlflowMetricLogger,
+    connect_ray,
+    log_training_outcome,
+    mlflow_run,
+    preset_path,
+    tracking_uri,
+    workspace_dir,
+)
 from pipelines.model_store import register_checkpoint
 from pipelines.separator_training import (
+    SEPARATOR_DIR,
     DatasetSummary,
     SeparatorTrainingConfig,
     TrainingData,
@@ -124,10 +133,9 @@ def main(argv: list[str] | None = None) -> int:
             on_summary=on_summary,
         )
         final = {name: result.last(name) for name in ("train_loss", "val_sdri", "val_si_sdri", "val_irm_sdri")}
-        mlflow.log_metrics({f"final_{k}": v for k, v in final.items() if v == v} | {"wall_seconds": result.wall_seconds})
-        mlflow.log_params({"steps_done": result.steps, "checkpoint_uri": result.checkpoint_uri})
-        with result.ray_checkpoint.as_directory() as folder:
-            mlflow.log_artifacts(f"{folder}/separator", artifact_path="checkpoint")
+        log_training_outcome({f"final_{k}": v for k, v in final.items()} | {"wall_seconds": result.wall_seconds},
+                             {"steps_done": result.steps, "checkpoint_uri": result.checkpoint_uri},
+                             result.ray_checkpoint, SEPARATOR_DIR)
         version = None
         if args.register_as:
             version = register_checkpoint(run.info.run_id, "checkpoint", args.register_as)

@@ -18,7 +18,15 @@ import argparse
 import dataclasses
 import sys
 
-from jobs.common import MlflowMetricLogger, connect_ray, mlflow_run, preset_path, tracking_uri, workspace_dir
+from jobs.common import (
+    MlflowMetricLogger,
+    connect_ray,
+    log_training_outcome,
+    mlflow_run,
+    preset_path,
+    tracking_uri,
+    workspace_dir,
+)
 from pipelines.tagger_training import DatasetSummary, TaggerTrainingConfig, train_tagger
 from uss_core.config import load_yaml
 from uss_core.ontology import LabelSet, load_label_set
@@ -116,17 +124,16 @@ def main(argv: list[str] | None = None) -> int:
             on_epoch=MlflowMetricLogger(tracking_uri(), run.info.run_id, METRIC_KEYS, "epoch"),
             on_summary=on_summary,
         )
-        mlflow.log_metrics(
+        log_training_outcome(
             {
                 "final_val_mAP": result.final_val_mAP,
                 "best_val_mAP": result.best_val_mAP,
                 "exported_val_mAP": result.exported_val_mAP,
                 "wall_seconds": result.wall_seconds,
-            }
+            },
+            {"exported_epoch": result.exported_epoch, "checkpoint_uri": result.checkpoint_uri},
+            result.ray_checkpoint,
         )
-        mlflow.log_params({"exported_epoch": result.exported_epoch, "checkpoint_uri": result.checkpoint_uri})
-        with result.ray_checkpoint.as_directory() as folder:
-            mlflow.log_artifacts(folder, artifact_path="checkpoint")
         artifacts = mlflow.get_artifact_uri("checkpoint")
     print(
         f"[train_tagger] done in {result.wall_seconds:.0f} s: val mAP {result.final_val_mAP:.4f} (last epoch), "

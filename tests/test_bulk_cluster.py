@@ -40,8 +40,8 @@ from tests.test_bulk_separation import (
     noise,
     result_view,
     stem_digests,
-    tiny_checkpoint,
 )
+from tests.tiny_models import tiny_checkpoint
 
 # Three to four minutes on 2 cores (cluster start, three jobs, shutdown): in the slow set.
 pytestmark = pytest.mark.slow

@@ -37,11 +37,8 @@ from pipelines.bulk_separation import (
     stem_paths,
 )
 from pipelines.schemas import resolve_filesystem, table_to_records
-from uss_core.checkpoints import SeparatorModel, SeparatorModelConfig, save_checkpoint
+from tests.tiny_models import tiny_checkpoint
 from uss_core.errors import ConfigError
-from uss_core.models.panns import Cnn14Config
-from uss_core.models.query_nets import QueryNetConfig
-from uss_core.models.resunet import ResUNetConfig
 from uss_core.ontology import LabelSet, load_label_set
 from uss_core.separation import Query, SeparationConfig
 
@@ -54,16 +51,6 @@ CLASSES = QuerySpec(classes=("Alpha", "Beta+Gamma"))
 RUN_COLUMNS = {
     "job_id", "seconds_total", "seconds_tagging", "seconds_separating", "seconds_writing", "peak_rss_mb", "worker_node"
 }
-
-
-def tiny_checkpoint(path, labels, condition_type="at_soft"):
-    tagger = Cnn14Config(classes_num=len(labels), conv_channels=(4, 8), embedding_size=8)
-    query = QueryNetConfig(condition_type=condition_type, tagger=tagger)
-    config = SeparatorModelConfig(
-        separator=ResUNetConfig(condition_size=query.condition_size, encoder_channels=(4, 8)), query_net=query
-    )
-    torch.manual_seed(0)
-    return save_checkpoint(SeparatorModel(config), labels, path)
 
 
 def noise(seconds: float, rate: int = RATE, channels: int = 1, seed: int = 0) -> np.ndarray:

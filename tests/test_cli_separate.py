@@ -8,28 +8,15 @@ import soundfile
 import torch
 
 from jobs.cli import main
-from uss_core.checkpoints import SeparatorModel, SeparatorModelConfig, save_checkpoint
-from uss_core.models.panns import Cnn14Config
-from uss_core.models.query_nets import QueryNetConfig
-from uss_core.models.resunet import ResUNetConfig
+from tests.tiny_models import tiny_checkpoint
 from uss_core.ontology import LabelSet, load_label_set
 
 torch.set_num_threads(1)
 
 
-def _tiny_checkpoint(path, labels, condition_type="at_soft"):
-    tagger = Cnn14Config(classes_num=len(labels), conv_channels=(4, 8), embedding_size=8)
-    query = QueryNetConfig(condition_type=condition_type, tagger=tagger)
-    config = SeparatorModelConfig(
-        separator=ResUNetConfig(condition_size=query.condition_size, encoder_channels=(4, 8)), query_net=query
-    )
-    torch.manual_seed(0)
-    return save_checkpoint(SeparatorModel(config), labels, path)
-
-
 @pytest.fixture(scope="module")
 def audioset_checkpoint(tmp_path_factory, audioset_dir):
-    return _tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", load_label_set(audioset_dir))
+    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", load_label_set(audioset_dir))
 
 
 @pytest.fixture
@@ -86,7 +73,7 @@ def test_inactive_hierarchy_nodes_get_no_file(audioset_checkpoint, audioset_dir,
 
 def test_query_by_example(tmp_path, wav):
     labels = LabelSet(mids=("/m/a", "/m/b"), names=("A", "B"))
-    ckpt = _tiny_checkpoint(tmp_path / "emb", labels, condition_type="embedding")
+    ckpt = tiny_checkpoint(tmp_path / "emb", labels, condition_type="embedding")
     examples = tmp_path / "examples"
     examples.mkdir()
     soundfile.write(examples / "one.wav", 0.5 * np.sin(np.arange(32000) / 5), 32000)
