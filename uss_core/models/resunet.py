@@ -9,9 +9,9 @@ The net predicts, per time-frequency bin, a magnitude mask (sigmoid) and a phase
 (tanh real/imag, normalised), applied to the mixture STFT, then the inverse STFT. Two options
 for small nets trained on a CPU (the defaults are the reference's): ``mask="magnitude"`` keeps
 the mixture's phase (no phase branch to learn first), ``input_scale="log"`` feeds the U-Net the
-log magnitude (quiet bins matter as much as loud ones); on the demo corpus both together
-leave the half-mixture plateau in a few hundred steps where the reference's choices take
-thousands (see README, "Training the separator").
+log magnitude (quiet bins matter as much as loud ones). With them (and the rest of the
+``separator-cpu-small`` recipe) the demo's small net reaches 4.18 dB SDRi in 300 steps against
+3.47 dB trained the reference's way (README, the ablation table).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from uss_core.models.init import init_bn, init_layer
 
 MASKS = ("complex", "magnitude")
 INPUT_SCALES = ("linear", "log")
-LOG_FLOOR = 1e-4  # added to the magnitude before the log: about -80 dB of a full-scale bin
+LOG_FLOOR = 1e-4  # added to the magnitude before the log: keeps silent bins finite
 
 
 @dataclass(frozen=True)
