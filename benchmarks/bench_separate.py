@@ -9,7 +9,9 @@ alternately ``--rounds`` times (timings on a shared machine drift) and the ratio
   ``uss separate --levels 1``.
 
 Our side runs with the reference's chunking (2-s segments, no overlap) so both do the same
-separation work; ``--also-defaults`` adds a row with our default overlap. Model loading is
+separation work, in fp32 (the reference's numbers) and, where the CPU has native bf16, with
+``--precision bf16`` too (with the SNR of its stems against the fp32 ones); ``--also-defaults``
+adds a row with our default overlap. Model loading is
 excluded on both sides (printed separately). Peak memory: ``uss separate`` on a generated
 ``--memory-minutes`` long file in a subprocess, peak RSS from the kernel.
 
@@ -37,6 +39,8 @@ import torch
 from benchmarks.reference_harness import import_reference, load_reference_models, write_reference_checkpoints
 
 CLASS_IDS = [0, 137, 300]  # Speech, Music, Vehicle
+# bf16 is only faster with native support (AVX-512 BF16 / AMX); elsewhere it is emulated, slowly.
+DEFAULT_PRECISIONS = ["fp32", "bf16"] if torch.ops.mkldnn._is_mkldnn_bf16_supported() else ["fp32"]
 
 
 def make_input(path: Path, seconds: float, seed: int = 0) -> None:
@@ -78,6 +82,17 @@ def time_ours(separator, audio_path: Path, out: Path, queries) -> float:
     return time.perf_counter() - t0
 
 
+def stems_snr_db(reference_dir: Path, other_dir: Path) -> float:
+    """SNR (dB) of every stem under ``other_dir`` against the same-named stem under ``reference_dir``."""
+    signal = error = 0.0
+    for path in sorted(reference_dir.rglob("*.wav")):
+        a, _ = soundfile.read(path, dtype="float64")
+        b, _ = soundfile.read(other_dir / path.relative_to(reference_dir), dtype="float64")
+        signal += float(np.sum(a**2))
+        error += float(np.sum((a - b) ** 2))
+    return 10 * np.log10(signal / error) if error > 0 else float("inf")
+
+
 def peak_memory_gb(checkpoint: Path, tagger: Path, audio_path: Path, out: Path, metadata_dir: Path) -> tuple[float, float]:
     """Peak RSS (GB) and wall seconds of ``uss separate`` in a child process."""
     cmd = [
@@ -94,10 +109,12 @@ def peak_memory_gb(checkpoint: Path, tagger: Path, audio_path: Path, out: Path, 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--metadata-dir", type=Path, required=True, help="folder with AudioSet metadata")
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=3, help="alternating timing rounds (0: peak memory only)")
     p.add_argument("--seconds", type=float, default=30.0)
     p.add_argument("--memory-minutes", type=float, default=60.0, help="length of the peak-memory input (0: skip)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--precision", nargs="+", choices=("fp32", "bf16"), default=DEFAULT_PRECISIONS,
+                   help="our U-Net precisions to time (default: fp32, and bf16 where the CPU has it natively)")
     p.add_argument("--also-defaults", action="store_true", help="also time our default overlap")
     p.add_argument("--json", type=Path, help="write the figures here")
     args = p.parse_args(argv)
@@ -121,9 +138,14 @@ def main(argv=None) -> int:
     loaded = load_model(uss_path, load_label_set(args.metadata_dir), tagger_path)
     our_load = time.perf_counter() - t0
     labels, ontology = loaded.labels, load_ontology(args.metadata_dir)
-    separators = {"2s/no overlap": Separator(loaded, SeparationConfig(segment_seconds=2.0, overlap=0.0, device="cpu"))}
+    separators = {
+        f"2s/no overlap, {precision}": Separator(
+            loaded, SeparationConfig(segment_seconds=2.0, overlap=0.0, device="cpu", precision=precision)
+        )
+        for precision in args.precision
+    }
     if args.also_defaults:
-        separators["default overlap"] = Separator(loaded, SeparationConfig(device="cpu"))
+        separators["default overlap, fp32"] = Separator(loaded, SeparationConfig(device="cpu"))
     cases = {
         "3 class queries": (
             lambda out: time_reference_classes(ref, lit, tagger, audio_path, out),
@@ -139,18 +161,25 @@ def main(argv=None) -> int:
     cwd = os.getcwd()
     os.chdir(work)  # the reference's hierarchy path writes plots into the working directory
     try:
-        for case, (run_reference, queries) in cases.items():
-            for label, separator in separators.items():
-                ref_times, our_times = [], []
-                for r in range(args.rounds):
-                    ref_times.append(run_reference(work / f"ref-{r}"))
-                    our_times.append(time_ours(separator, audio_path, work / f"ours-{r}", queries))
-                ratio = statistics.median(ref_times) / statistics.median(our_times)
-                results[f"{case} ({label})"] = {"reference_s": ref_times, "ours_s": our_times, "speedup": ratio}
+        for case, (run_reference, queries) in (cases.items() if args.rounds > 0 else ()):
+            ref_times, our_times = [], {label: [] for label in separators}
+            outputs = {label: work / f"ours-{case}-{separator.config.precision}" for label, separator in separators.items()}
+            for r in range(args.rounds):
+                ref_times.append(run_reference(work / f"ref-{r}"))
+                for label, separator in separators.items():
+                    our_times[label].append(time_ours(separator, audio_path, outputs[label], queries))
+            for label, times in our_times.items():
+                ratio = statistics.median(ref_times) / statistics.median(times)
+                results[f"{case} ({label})"] = {"reference_s": ref_times, "ours_s": times, "speedup": ratio}
                 print(
                     f"{case:<18} ({label}): reference {statistics.median(ref_times):6.1f} s, "
-                    f"ours {statistics.median(our_times):6.1f} s -> {ratio:.2f}x faster"
+                    f"ours {statistics.median(times):6.1f} s -> {ratio:.2f}x faster"
                 )
+            by_precision = {separators[label].config.precision: out for label, out in outputs.items()}
+            if {"fp32", "bf16"} <= by_precision.keys():
+                snr = stems_snr_db(by_precision["fp32"], by_precision["bf16"])
+                results[f"{case} bf16 vs fp32 snr_db"] = snr
+                print(f"{case:<18} bf16 stems against fp32 stems: {snr:.1f} dB SNR")
     finally:
         os.chdir(cwd)
     if args.memory_minutes > 0:

@@ -229,7 +229,8 @@ class BulkSeparationConfig:
     carries none (official ``.ckpt``; default: AudioSet from ``metadata_dir``).
     Separation: ``segment_seconds`` (None: the model's training length), ``overlap``,
     ``batch_size`` (segment x query pairs per U-Net forward), ``activity_threshold``,
-    ``device`` (None: ``cuda`` with GPU actors, else ``cpu``). Inputs: ``max_input_seconds``
+    ``device`` (None: ``cuda`` with GPU actors, else ``cpu``), ``precision`` (the U-Net's
+    arithmetic: fp32, bf16 or fp16; see :class:`~uss_core.separation.SeparationConfig`). Inputs: ``max_input_seconds``
     (longer ones are rejected as ``too_long``), ``silence_peak`` (inputs whose peak is at most
     this are ``silent``). Ray: ``actors`` (pool size), ``cpus_per_actor``, ``gpus_per_actor``
     (fractional allowed), ``torch_threads`` (per actor), ``files_per_task`` (inputs per actor
@@ -253,6 +254,7 @@ class BulkSeparationConfig:
     batch_size: int = SeparationConfig.batch_size
     activity_threshold: float = SeparationConfig.activity_threshold
     device: str | None = None
+    precision: str = SeparationConfig.precision
     max_input_seconds: float = 6 * 3600.0
     silence_peak: float = 1e-4  # -80 dBFS
     actors: int = 2
@@ -608,14 +610,15 @@ def stem_paths(queries: Sequence[Query], output_format: str) -> list[str]:
 
 def job_signature(model_sha256: str, queries: Sequence[Query], separation: SeparationConfig, output_format: str) -> str:
     """A short hash of everything the stems depend on: the model's weights, the queries, the
-    segmentation, the activity threshold and the output format (not the device, batch size or
-    actor layout, which only change how fast the same work is done)."""
+    segmentation, the activity threshold, the arithmetic precision and the output format (not the
+    device, batch size or actor layout, which only change how fast the same work is done)."""
     document = {
         "model": model_sha256,
         "format": output_format,
         "segment_seconds": separation.segment_seconds,
         "overlap": separation.overlap,
         "activity_threshold": separation.activity_threshold,
+        "precision": separation.precision,
         "queries": [
             {
                 "name": q.name,
@@ -643,6 +646,7 @@ def plan_job(config: BulkSeparationConfig, job_id: str, filesystem: Any = None) 
         batch_size=config.batch_size,
         activity_threshold=config.activity_threshold,
         device=config.actor_device,
+        precision=config.precision,
     )
     # The driver only computes example conditions and checks queries: on CPU, whatever the actors use.
     separator = Separator(loaded, SeparationConfig(segment_seconds=separation.segment_seconds, device="cpu"))

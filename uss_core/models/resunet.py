@@ -77,9 +77,10 @@ def norm_film_act(bn: nn.BatchNorm2d, x: torch.Tensor, beta: torch.Tensor) -> to
         return F.leaky_relu(bn(x) + beta, negative_slope=0.01)
     scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
     shift = bn.bias - bn.running_mean * scale
-    # mul + add_ keep x's memory format (channels-last on CPU); addcmul would not.
-    y = x * scale[:, None, None]
-    return F.leaky_relu_(y.add_(shift[:, None, None] + beta), negative_slope=0.01)
+    # In x's dtype: under bf16 autocast, fp32 constants would promote the whole activation to
+    # fp32 and back. mul + add_ keep x's memory format (channels-last on CPU); addcmul would not.
+    y = x * scale.to(x.dtype)[:, None, None]
+    return F.leaky_relu_(y.add_((shift[:, None, None] + beta).to(x.dtype)), negative_slope=0.01)
 
 
 def pointwise_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
