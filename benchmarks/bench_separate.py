@@ -94,7 +94,7 @@ def stems_snr_db(reference_dir: Path, other_dir: Path) -> float:
 
 
 def peak_memory_gb(checkpoint: Path, tagger: Path, audio_path: Path, out: Path, metadata_dir: Path) -> tuple[float, float]:
-    """Peak RSS (GB) and wall seconds of ``uss separate`` in a child process."""
+    """Peak RSS (GB, 10^9 bytes) and wall seconds of ``uss separate`` in a child process."""
     cmd = [
         sys.executable, "-m", "jobs.cli", "separate", str(audio_path), "-o", str(out), "--checkpoint", str(checkpoint),
         "--tagger-checkpoint", str(tagger), "--metadata-dir", str(metadata_dir), "--class-id", "0", "--quiet",
@@ -103,7 +103,7 @@ def peak_memory_gb(checkpoint: Path, tagger: Path, audio_path: Path, out: Path, 
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True)
     wall = time.perf_counter() - t0
-    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024**2, wall
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024 / 1e9, wall  # ru_maxrss is in KiB
 
 
 def main(argv=None) -> int:

@@ -421,6 +421,13 @@ def _split_scheme(uri: str) -> tuple[str | None, str]:
     return None, uri
 
 
+def absolute_uri(uri: str) -> str:
+    """``uri`` with a local path made absolute (remote URIs unchanged): Ray workers do not run
+    in the caller's working directory, so relative paths must not leave the driver."""
+    scheme, rest = _split_scheme(str(uri))
+    return os.path.abspath(rest) if scheme in (None, "file") else str(uri)
+
+
 def resolve_filesystem(uri: str, filesystem: Any = None) -> tuple[pafs.FileSystem, str]:
     """The pyarrow filesystem and the path in it for ``uri``.
 

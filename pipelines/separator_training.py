@@ -63,7 +63,7 @@ import torch.nn as nn
 
 from pipelines.mixing import mix
 from pipelines.model_store import local_checkpoint
-from pipelines.schemas import count_rows, list_column_to_numpy, list_parquet_files, read_table, resolve_filesystem
+from pipelines.schemas import absolute_uri, count_rows, list_column_to_numpy, list_parquet_files, read_table, resolve_filesystem
 from pipelines.training_common import LR_SCHEDULES, WARMUPS, ReportCallback, ray_storage, scheduled_lr, write_folder
 from uss_core.config import from_dict, to_dict
 from uss_core.errors import ConfigError
@@ -180,6 +180,11 @@ class TrainingData:
     mixtures_uri: str
     anchors_uri: str | None = None
     eval_uri: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("mixtures_uri", "anchors_uri", "eval_uri"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, absolute_uri(getattr(self, name)))
 
 
 @dataclass(frozen=True)

@@ -346,3 +346,12 @@ def test_job_logs_the_run_to_mlflow_and_registers_a_model_that_uss_separate_load
     assert rate == RATE and stem.shape == (SAMPLES,)
     manifest = json.loads((tmp_path / "out" / "mix" / "manifest.json").read_text())
     assert "models:/tiny-separator/1" in json.dumps(manifest)
+
+
+def test_training_data_makes_local_paths_absolute(tmp_path, monkeypatch):
+    # Ray workers run elsewhere: a relative --eval used to fail at the first validation.
+    monkeypatch.chdir(tmp_path)
+    data = TrainingData("mixtures", anchors_uri="file://anchors", eval_uri="s3://bucket/eval")
+    assert data.mixtures_uri == str(tmp_path / "mixtures")
+    assert data.anchors_uri == str(tmp_path / "anchors")
+    assert data.eval_uri == "s3://bucket/eval"
