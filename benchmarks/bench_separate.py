@@ -13,7 +13,7 @@ separation work, in fp32 (the reference's numbers) and, where the CPU has native
 ``--precision bf16`` too (with the SNR of its stems against the fp32 ones); ``--also-defaults``
 adds a row with our default overlap. Model loading is
 excluded on both sides (printed separately). Peak memory: ``uss separate`` on a generated
-``--memory-minutes`` long file in a subprocess, peak RSS from the kernel.
+``--memory-minutes`` long file in a subprocess, its peak resident memory (``VmHWM``, Linux).
 
 Run: ``python -m benchmarks.bench_separate --metadata-dir ../shared/audioset``
 (needs the ``reference`` extra).
@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -94,16 +93,30 @@ def stems_snr_db(reference_dir: Path, other_dir: Path) -> float:
 
 
 def peak_memory_gb(checkpoint: Path, tagger: Path, audio_path: Path, out: Path, metadata_dir: Path) -> tuple[float, float]:
-    """Peak RSS (GB, 10^9 bytes) and wall seconds of ``uss separate`` in a child process."""
+    """Peak RSS (GB, 10^9 bytes) and wall seconds of ``uss separate`` in a child process.
+
+    The peak is the child's own ``VmHWM`` (Linux), polled until it exits. ``getrusage`` would not
+    do: a forked child's ``ru_maxrss`` starts at the parent's resident size at fork time, and
+    this process holds both models (over 3 GB), which is what an earlier version reported.
+    """
     cmd = [
         sys.executable, "-m", "jobs.cli", "separate", str(audio_path), "-o", str(out), "--checkpoint", str(checkpoint),
         "--tagger-checkpoint", str(tagger), "--metadata-dir", str(metadata_dir), "--class-id", "0", "--quiet",
         "--overlap", "0",
     ]
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=True)
-    wall = time.perf_counter() - t0
-    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024 / 1e9, wall  # ru_maxrss is in KiB
+    child = subprocess.Popen(cmd)
+    peak_kib = 0
+    while child.poll() is None:
+        try:
+            status = Path(f"/proc/{child.pid}/status").read_text()
+        except OSError:  # exited between poll() and the read
+            break
+        peak_kib = max([peak_kib] + [int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")])
+        time.sleep(0.2)
+    if child.wait():
+        raise subprocess.CalledProcessError(child.returncode, cmd)
+    return peak_kib * 1024 / 1e9, time.perf_counter() - t0
 
 
 def main(argv=None) -> int:

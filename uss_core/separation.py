@@ -12,7 +12,7 @@ the single-file command, the bulk pipeline and validation all go through it.
   the tagger and query net run once per segment, segments where the tagger finds none of a
   query's classes (below ``activity_threshold``) are skipped, and the remaining
   segment x query pairs go through the U-Net in batches of at most ``batch_size``, in fp32 or,
-  with ``precision``, in bf16/fp16 autocast (about 1.7x faster on a CPU with AVX-512 BF16).
+  with ``precision``, in bf16/fp16 autocast (about 1.5x faster on a CPU with AVX-512 BF16).
 - :func:`separate_stream` drives it over a stream, so memory stays bounded for any file length.
 """
 
@@ -41,8 +41,8 @@ class SeparationConfig:
     """How a signal is chunked and separated.
 
     ``precision`` is the U-Net's arithmetic: ``fp32`` (exact, the reference's numbers), ``bf16``
-    (autocast: on a CPU with AVX-512 BF16 or AMX, or a GPU; the stems stay within about 45-50 dB
-    SNR of fp32's) or ``fp16`` (GPU only). The tagger and query net always run in fp32, so
+    (autocast: on a CPU with AVX-512 BF16 or AMX, or a GPU; with ResUNet30 the stems came within
+    about 33 dB SNR of fp32's in ``benchmarks.bench_separate``) or ``fp16`` (GPU only). The tagger and query net always run in fp32, so
     activity decisions do not depend on it.
     """
 
