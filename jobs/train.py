@@ -33,6 +33,7 @@ from jobs.common import (
 )
 from pipelines.model_store import register_checkpoint
 from pipelines.separator_training import (
+    LOSSES,
     SEPARATOR_DIR,
     DatasetSummary,
     SeparatorTrainingConfig,
@@ -51,6 +52,7 @@ OVERRIDES = (
     ("steps", "max_steps"),
     ("batch_size", "batch_size"),
     ("lr", "lr"),
+    ("loss", "loss"),
     ("condition_type", "condition_type"),
     ("num_workers", "num_workers"),
     ("cpus_per_worker", "cpus_per_worker"),
@@ -81,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--steps", type=int, help="optimizer steps in all")
     o.add_argument("--batch-size", type=int, help="global batch size")
     o.add_argument("--lr", type=float)
+    o.add_argument("--loss", choices=LOSSES, help="training loss (module docs of pipelines.separator_training)")
     o.add_argument("--condition-type", choices=CONDITION_TYPES)
     o.add_argument("--num-workers", type=int, help="Ray Train workers")
     o.add_argument("--cpus-per-worker", type=float, help="CPUs reserved per worker (fractional allowed)")

@@ -355,3 +355,12 @@ def test_training_data_makes_local_paths_absolute(tmp_path, monkeypatch):
     assert data.mixtures_uri == str(tmp_path / "mixtures")
     assert data.anchors_uri == str(tmp_path / "anchors")
     assert data.eval_uri == "s3://bucket/eval"
+
+
+def test_train_overrides_replace_preset_fields():
+    from jobs.train import build_parser, load_config
+
+    args = build_parser().parse_args(["--mixtures", "m", "--out", "o", "--loss", "snr", "--steps", "7", "--lr", "0.01"])
+    config = load_config(args)
+    assert (config.loss, config.max_steps, config.lr) == ("snr", 7, 0.01)
+    assert load_config(build_parser().parse_args(["--mixtures", "m", "--out", "o"])).loss == "l1_wav"
