@@ -119,28 +119,17 @@ def peak_memory_gb(checkpoint: Path, tagger: Path, audio_path: Path, out: Path, 
     return peak_kib * 1024 / 1e9, time.perf_counter() - t0
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--metadata-dir", type=Path, required=True, help="folder with AudioSet metadata")
-    p.add_argument("--rounds", type=int, default=3, help="alternating timing rounds (0: peak memory only)")
-    p.add_argument("--seconds", type=float, default=30.0)
-    p.add_argument("--memory-minutes", type=float, default=60.0, help="length of the peak-memory input (0: skip)")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--precision", nargs="+", choices=("fp32", "bf16"), default=DEFAULT_PRECISIONS,
-                   help="our U-Net precisions to time (default: fp32, and bf16 where the CPU has it natively)")
-    p.add_argument("--also-defaults", action="store_true", help="also time our default overlap")
-    p.add_argument("--json", type=Path, help="write the figures here")
-    args = p.parse_args(argv)
-    args.metadata_dir = args.metadata_dir.resolve()  # we chdir below
-    torch.set_num_threads(args.threads)
+def chunked_label(precision: str) -> str:
+    """Name of our run with the reference's chunking at ``precision``."""
+    return f"2s/no overlap, {precision}"
 
+
+def time_against_reference(args, ref, uss_path: Path, tagger_path: Path, work: Path) -> dict:
+    """Both cases, ``args.rounds`` alternating rounds each; returns the figures (also printed)."""
     from uss_core.checkpoints import load_model
     from uss_core.ontology import load_label_set, load_ontology
     from uss_core.separation import SeparationConfig, Separator, class_queries, hierarchy_queries
 
-    work = Path(tempfile.mkdtemp(prefix="bench_separate_"))
-    ref = import_reference(work / "home", args.metadata_dir)
-    uss_path, tagger_path = write_reference_checkpoints(ref, work / "ckpt")
     audio_path = work / "input.wav"
     make_input(audio_path, args.seconds)
 
@@ -152,7 +141,7 @@ def main(argv=None) -> int:
     our_load = time.perf_counter() - t0
     labels, ontology = loaded.labels, load_ontology(args.metadata_dir)
     separators = {
-        f"2s/no overlap, {precision}": Separator(
+        chunked_label(precision): Separator(
             loaded, SeparationConfig(segment_seconds=2.0, overlap=0.0, device="cpu", precision=precision)
         )
         for precision in args.precision
@@ -169,14 +158,14 @@ def main(argv=None) -> int:
             hierarchy_queries(ontology, labels, [1]),
         ),
     }
-    results = {"input_seconds": args.seconds, "threads": args.threads, "load_seconds": {"reference": ref_load, "ours": our_load}}
+    results = {"input_seconds": args.seconds, "load_seconds": {"reference": ref_load, "ours": our_load}}
     print(f"model load: reference {ref_load:.2f} s, ours {our_load:.2f} s")
     cwd = os.getcwd()
     os.chdir(work)  # the reference's hierarchy path writes plots into the working directory
     try:
-        for case, (run_reference, queries) in (cases.items() if args.rounds > 0 else ()):
+        for case, (run_reference, queries) in cases.items():
             ref_times, our_times = [], {label: [] for label in separators}
-            outputs = {label: work / f"ours-{case}-{separator.config.precision}" for label, separator in separators.items()}
+            outputs = {label: work / f"ours-{case}-{n}" for n, label in enumerate(separators)}
             for r in range(args.rounds):
                 ref_times.append(run_reference(work / f"ref-{r}"))
                 for label, separator in separators.items():
@@ -188,13 +177,36 @@ def main(argv=None) -> int:
                     f"{case:<18} ({label}): reference {statistics.median(ref_times):6.1f} s, "
                     f"ours {statistics.median(times):6.1f} s -> {ratio:.2f}x faster"
                 )
-            by_precision = {separators[label].config.precision: out for label, out in outputs.items()}
-            if {"fp32", "bf16"} <= by_precision.keys():
-                snr = stems_snr_db(by_precision["fp32"], by_precision["bf16"])
+            if {"fp32", "bf16"} <= set(args.precision):
+                snr = stems_snr_db(outputs[chunked_label("fp32")], outputs[chunked_label("bf16")])
                 results[f"{case} bf16 vs fp32 snr_db"] = snr
                 print(f"{case:<18} bf16 stems against fp32 stems: {snr:.1f} dB SNR")
     finally:
         os.chdir(cwd)
+    return results
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--metadata-dir", type=Path, required=True, help="folder with AudioSet metadata")
+    p.add_argument("--rounds", type=int, default=3, help="alternating timing rounds (0: peak memory only)")
+    p.add_argument("--seconds", type=float, default=30.0)
+    p.add_argument("--memory-minutes", type=float, default=60.0, help="length of the peak-memory input (0: skip)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--precision", nargs="+", choices=("fp32", "bf16"), default=DEFAULT_PRECISIONS,
+                   help="our U-Net precisions to time (default: fp32, and bf16 where the CPU has it natively)")
+    p.add_argument("--also-defaults", action="store_true", help="also time our default overlap")
+    p.add_argument("--json", type=Path, help="write the figures here")
+    args = p.parse_args(argv)
+    args.metadata_dir = args.metadata_dir.resolve()  # we chdir below
+    torch.set_num_threads(args.threads)
+
+    work = Path(tempfile.mkdtemp(prefix="bench_separate_"))
+    ref = import_reference(work / "home", args.metadata_dir)
+    uss_path, tagger_path = write_reference_checkpoints(ref, work / "ckpt")
+    results = {"threads": args.threads}
+    if args.rounds > 0:
+        results.update(time_against_reference(args, ref, uss_path, tagger_path, work))
     if args.memory_minutes > 0:
         long_path = work / "long.flac"
         make_input(long_path, args.memory_minutes * 60)

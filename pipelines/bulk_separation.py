@@ -85,8 +85,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 
-from pipelines.model_store import has_scheme, local_checkpoint
-from pipelines.schemas import STRING_LIST, Record, records_to_table, resolve_filesystem
+from pipelines.model_store import local_checkpoint
+from pipelines.schemas import STRING_LIST, Record, absolute_uri, records_to_table, resolve_filesystem
 from uss_core.audio import AUDIO_EXTENSIONS, AudioFileWriter, load_audio, open_audio_stream
 from uss_core.checkpoints import LoadedModel, load_model
 from uss_core.errors import AudioError, ConfigError
@@ -651,7 +651,7 @@ def plan_job(config: BulkSeparationConfig, job_id: str, filesystem: Any = None) 
     # The driver only computes example conditions and checks queries: on CPU, whatever the actors use.
     separator = Separator(loaded, SeparationConfig(segment_seconds=separation.segment_seconds, device="cpu"))
     queries = build_queries(config.queries, separator, loaded.labels, config.metadata_dir, filesystem)
-    output_uri = config.output if has_scheme(config.output) else os.path.abspath(config.output.removeprefix("file://"))
+    output_uri = absolute_uri(config.output)
     return BulkJobPlan(
         checkpoint=config.checkpoint,
         tagger_checkpoint=config.tagger_checkpoint,

@@ -15,15 +15,15 @@ shard (``ray.train.get_dataset_shard``), no worker holds a copy of the dataset.
   stage does (:func:`pipelines.mixing.mix`). Endless fresh pairings of the same anchors.
 
 The recipe (defaults: the reference's): L1 on the waveform (``loss: l1_wav``; ``l1_wav_spec``
-adds L1 on the STFT magnitude; ``snr`` is the negative signal-to-error ratio, the paper's SDR), AdamW (lr 1e-3, amsgrad, no weight decay), the reference's
-staged constant warm-up (lr x 0.001, 0.01, 0.1 for ``warmup_steps`` steps each), constant
-after. Mixed precision (bfloat16 autocast) on GPU. The optimizer gets the separator's
-parameters *and* the query net's trainable ones: the learnable adaptor (``condition_type:
-adaptive``) really trains (the reference passes only the separator's, so its adaptor never
-learns). The query net's Cnn14 is frozen and not run in training: its outputs on the target
-anchor are precomputed by the mining stage (``condition_*`` columns), from the same tagger the
-checkpoint carries (``condition_tagger``), so inference by class or example sees the same
-conditions.
+adds L1 on the STFT magnitude; ``snr`` is minus the signal-to-error ratio, the paper's SDR),
+AdamW (lr 1e-3, amsgrad, no weight decay), the reference's staged constant warm-up (lr x 0.001,
+0.01, 0.1 for ``warmup_steps`` steps each), constant after. Mixed precision (bfloat16 autocast)
+on GPU. The optimizer gets the separator's parameters *and* the query net's trainable ones: the
+learnable adaptor (``condition_type: adaptive``) really trains (the reference passes only the
+separator's, so its adaptor never learns). The query net's Cnn14 is frozen and not run in
+training: its outputs on the target anchor are precomputed by the mining stage (``condition_*``
+columns), from the same tagger the checkpoint carries (``condition_tagger``), so inference by
+class or example sees the same conditions.
 
 Checkpoints: every ``checkpoint_every`` steps (and at the end) rank 0 writes a Ray Train
 checkpoint holding the project's separator checkpoint (:func:`uss_core.checkpoints.save_checkpoint`)

@@ -42,15 +42,16 @@ class SeparationConfig:
 
     ``precision`` is the U-Net's arithmetic: ``fp32`` (exact, the reference's numbers), ``bf16``
     (autocast: on a CPU with AVX-512 BF16 or AMX, or a GPU; with ResUNet30 the stems came within
-    about 33 dB SNR of fp32's in ``benchmarks.bench_separate``) or ``fp16`` (GPU only). The tagger and query net always run in fp32, so
-    activity decisions do not depend on it.
+    about 33 dB SNR of fp32's in ``benchmarks.bench_separate``) or ``fp16`` (GPU only). The
+    tagger and query net always run in fp32, so activity decisions do not depend on it.
     """
 
     segment_seconds: float = 2.0
     overlap: float = 0.25  # fraction of a segment shared with the next one, in [0, 1)
     # Segment x query pairs per U-Net forward. ResUNet30 activations take about 0.4 GB per pair
-    # on CPU, and CPU throughput is flat from 2 pairs up (2-min input, fp32: 64 s at 2, 65 s at
-    # 4, peak 1.8 against 2.6 GiB). On a GPU, larger batches do pay: raise it there.
+    # on CPU, and CPU speed is flat in the batch size (README, Performance: 45.6 / 45.3 / 45.2 s
+    # at 1 / 2 / 4), so 2 keeps the peak low (2.11 GB on a one-hour input). On a GPU, larger
+    # batches do pay: raise it there.
     batch_size: int = 2
     activity_threshold: float = 0.2  # tagger probability below which a query is skipped in a segment
     device: str = "cpu"
