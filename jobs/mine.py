@@ -39,6 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sed-tagger", required=True, help="sound event detection checkpoint (SED head)")
     p.add_argument("--condition-tagger", required=True, help="query-net tagger checkpoint (at_soft and embedding)")
     p.add_argument("--mode", choices=ANCHOR_MODES, default=d.mode, help="anchor placement (default %(default)s)")
+    p.add_argument(
+        "--other-label-penalty", type=float, default=d.other_label_penalty,
+        help="max_area: subtract this times the other labels' SED area from each window's score, "
+        "preferring stretches where the class sounds alone (default %(default)s: the reference's detector)",
+    )
     p.add_argument("--anchor-seconds", type=float, default=d.anchor_seconds, help="anchor length (default %(default)s)")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of random placement (default %(default)s)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="clips per actor call (default %(default)s)")
@@ -73,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         condition_tagger=args.condition_tagger,
         mode=args.mode,
         anchor_seconds=args.anchor_seconds,
+        other_label_penalty=args.other_label_penalty,
         seed=args.seed,
         batch_size=args.batch_size,
         model_batch_size=args.model_batch_size,

@@ -14,6 +14,11 @@ detector (SED, :class:`~uss_core.models.panns.Cnn14DecisionLevelMax`) and a cond
      over the replicate-padded curve, first argmax, centre clamped to
      ``[segment_frames // 2, clip_frames - segment_frames // 2]``, start/end at ``hop``-sample
      frames, so a 2-s anchor is ``[(c - 100) * 320, (c + 100) * 320)``);
+     With ``other_label_penalty`` > 0 (not the reference's; default 0) the window's score is
+     that area minus ``other_label_penalty`` times the summed area of the clip's *other* weak
+     labels (:func:`contrast_scores`), so the anchor prefers stretches where the class sounds
+     alone: a weakly labelled clip's loudest stretch of one class is often where another plays
+     too, and the anchor is the separator's training target as it is;
    - ``"random"`` (the paper's baseline): start uniform over the whole clip,
      ``[0, clip_samples - anchor_samples]``, drawn from ``(seed, clip_id, class_mid)`` alone
      (:func:`random_anchor`), so a rerun places every anchor at the same position whatever the
@@ -141,15 +146,37 @@ def max_area_scores(prob: torch.Tensor, segment_frames: int) -> torch.Tensor:
     return torch.conv1d(x, weight, padding=0)[0, 0]
 
 
-def max_area_anchor(prob: torch.Tensor | np.ndarray, geometry: AnchorGeometry) -> tuple[int, int]:
+def contrast_scores(prob: torch.Tensor, other_probs: torch.Tensor, segment_frames: int, penalty: float) -> torch.Tensor:
+    """Max-area scores of ``prob (frames,)`` minus ``penalty`` times those of the other labels.
+
+    ``other_probs``: ``(labels, frames)``, the SED curves of the clip's other positive labels
+    (may be empty: then the plain :func:`max_area_scores`). The box filter is linear, so the
+    others' areas are one filter over their summed curve.
+    """
+    scores = max_area_scores(prob, segment_frames)
+    if penalty and len(other_probs):
+        scores = scores - penalty * max_area_scores(other_probs.to(torch.float32).sum(dim=0), segment_frames)
+    return scores
+
+
+def max_area_anchor(
+    prob: torch.Tensor | np.ndarray,
+    geometry: AnchorGeometry,
+    other_probs: torch.Tensor | np.ndarray | None = None,
+    other_label_penalty: float = 0.0,
+) -> tuple[int, int]:
     """``(start_sample, end_sample)`` of the max-area anchor of one class's SED curve.
 
     ``prob``: ``(frames,)`` frame-wise probabilities of the class (the SED's frames for the
     clip). The first argmax of :func:`max_area_scores`, clamped so the anchor lies in the first
-    ``clip_frames`` frames, as the reference.
+    ``clip_frames`` frames, as the reference. With ``other_label_penalty`` > 0, the argmax of
+    :func:`contrast_scores` against ``other_probs (labels, frames)``, the clip's other labels.
     """
-    prob = torch.as_tensor(np.asarray(prob) if not isinstance(prob, torch.Tensor) else prob)
-    scores = max_area_scores(prob, geometry.segment_frames)
+    prob = torch.from_numpy(np.ascontiguousarray(prob)) if isinstance(prob, np.ndarray) else prob
+    if other_probs is None or not other_label_penalty:
+        scores = max_area_scores(prob, geometry.segment_frames)
+    else:
+        scores = contrast_scores(prob, torch.as_tensor(other_probs), geometry.segment_frames, other_label_penalty)
     half = geometry.half_frames
     centre = min(max(int(torch.argmax(scores)), half), geometry.clip_frames - half)
     return (centre - half) * geometry.hop_samples, (centre + half) * geometry.hop_samples
@@ -211,6 +238,7 @@ class MiningConfig:
     cpus_per_actor: float = 0.5
     torch_threads: int = 1
     audioset_labels: LabelSet | None = None
+    other_label_penalty: float = 0.0  # max_area only; 0 is the reference's detector
 
     def __post_init__(self) -> None:
         if self.mode not in ANCHOR_MODES:
@@ -222,6 +250,10 @@ class MiningConfig:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.cpus_per_actor > 0:
             raise ConfigError(f"cpus_per_actor must be > 0, got {self.cpus_per_actor}")
+        if not self.other_label_penalty >= 0:
+            raise ConfigError(f"other_label_penalty must be >= 0, got {self.other_label_penalty}")
+        if self.other_label_penalty and self.mode != "max_area":
+            raise ConfigError("other_label_penalty applies to max_area anchors only; drop it or use --mode max_area")
 
 
 # --------------------------------------------------------------------------------------------
@@ -311,13 +343,17 @@ class AnchorMiner:
             geometry = self.geometry(samples, rate)
             (framewise,) = self._forward(self.sed, np.stack([waveforms[i] for i in members]), ("framewise_output",))
             for k, i in enumerate(members):
-                for j, mid in enumerate(label_mids[i]):
-                    column = self._sed_column.get(mid)
-                    if column is None:
+                columns = []
+                for mid in label_mids[i]:
+                    if mid not in self._sed_column:
                         raise ConfigError(f"{clip_ids[i]}: label {mid} is not a class of the SED tagger")
-                    prob = framewise[k, :, column]
+                    columns.append(self._sed_column[mid])
+                curves = torch.from_numpy(np.ascontiguousarray(framewise[k][:, columns].T))  # (labels, frames)
+                for j, mid in enumerate(label_mids[i]):
+                    prob = framewise[k, :, columns[j]]
                     if config.mode == "max_area":
-                        start, end = max_area_anchor(torch.from_numpy(np.ascontiguousarray(prob)), geometry)
+                        others = torch.cat((curves[:j], curves[j + 1 :]))
+                        start, end = max_area_anchor(curves[j], geometry, others, config.other_label_penalty)
                     else:
                         start, end = random_anchor(config.seed, clip_ids[i], mid, geometry)
                     placed.append((i, j, start, end, anchor_score(prob, start, geometry)))

@@ -157,7 +157,7 @@ class ManifestRow(Record):
     given and the SHA-256 of its files. ``job_signature``: what the output depends on (see the
     module doc); ``job_id``: the run that produced the row (an earlier run's id for inputs
     complete before). ``seconds_*``: wall time of the whole input, in the tagger, in the U-Net,
-    and writing its outputs. ``peak_rss_mb``: the actor process's peak resident memory so far;
+    and writing its outputs. ``peak_rss_mb``: the actor process's peak resident memory so far (MB, 10^6 bytes);
     ``worker_node``: the Ray node that separated it (the host name outside Ray).
     """
 
@@ -700,7 +700,7 @@ class _MeteredReader:
 
 
 def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6  # Linux reports KiB; MB = 10^6 bytes
 
 
 def _worker_node() -> str:

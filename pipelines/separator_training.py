@@ -95,7 +95,9 @@ class SeparatorTrainingConfig:
     ``cpus_per_worker``: the Ray resource each worker reserves (keep the total below the
     cluster's CPUs so Ray Data keeps some to read with); ``torch_threads``: intra-op threads per
     worker (None: one per reserved CPU, at least one). ``use_gpu``: one GPU per worker (NCCL),
-    ``mixed_precision`` then autocasts to bfloat16.
+    ``mixed_precision`` then autocasts to bfloat16. ``cpu_bf16``: bfloat16 autocast on CPU workers
+    too, where the CPU computes bf16 natively (AVX-512 BF16 / AMX; elsewhere it would be emulated,
+    slower than fp32, so those workers stay in fp32).
     """
 
     separator: ResUNetConfig = field(default_factory=ResUNetConfig)
@@ -126,6 +128,7 @@ class SeparatorTrainingConfig:
     cpus_per_worker: float = 1.0
     use_gpu: bool = False
     mixed_precision: bool = True
+    cpu_bf16: bool = False
     torch_threads: int | None = None
     seed: int = 0
 
@@ -463,7 +466,9 @@ def _train_loop(loop_config: dict) -> None:
         _TrainingForward(net), parallel_strategy_kwargs={"find_unused_parameters": True}
     )
     net.train()
-    autocast = config.use_gpu and config.mixed_precision and device.type == "cuda"
+    autocast = (config.use_gpu and config.mixed_precision and device.type == "cuda") or (
+        config.cpu_bf16 and device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    )
     shard = ray.train.get_dataset_shard("train")
     rng = np.random.default_rng([config.seed, rank, step])  # a resumed run draws fresh pairings
     window = {"loss": 0.0, "batches": 0, "examples": 0, "started": time.monotonic()}

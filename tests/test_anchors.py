@@ -110,6 +110,22 @@ def test_max_area_follows_a_peak():
     assert max_area_anchor(prob, GEOMETRY) == ((455 - 100) * 320, (455 + 100) * 320)
 
 
+def test_other_label_penalty_moves_the_anchor_off_the_other_class():
+    # The class plays twice, louder where a second label of the clip plays too.
+    prob = torch.full((1001,), 0.05)
+    prob[100:300] = 0.6
+    prob[600:800] = 0.9
+    other = torch.zeros(1, 1001)
+    other[0, 550:850] = 0.9
+    assert max_area_anchor(prob, GEOMETRY, other, 0.0) == max_area_anchor(prob, GEOMETRY) == (599 * 320, 799 * 320)
+    assert max_area_anchor(prob, GEOMETRY, other, 0.5) == (99 * 320, 299 * 320)
+    assert max_area_anchor(prob, GEOMETRY, torch.zeros(0, 1001), 0.5) == max_area_anchor(prob, GEOMETRY)
+    with pytest.raises(ConfigError, match="max_area"):
+        MiningConfig("sed", "tagger", mode="random", other_label_penalty=0.5)
+    with pytest.raises(ConfigError, match=">= 0"):
+        MiningConfig("sed", "tagger", other_label_penalty=-1)
+
+
 @pytest.mark.reference
 def test_max_area_equals_the_reference_package():
     detectors = pytest.importorskip("uss.data.anchor_segment_detectors", reason="install the reference extra")

@@ -206,3 +206,65 @@ def test_tagger_checkpoint_round_trip(tmp_path, sed):
     assert all(torch.equal(expected[k], got[k]) for k in expected)
     with pytest.raises(CheckpointError, match="not a uss-at-scale/separator"):
         load_model(path)
+
+
+@pytest.mark.parametrize(
+    ("batch", "in_channels", "out_channels", "height", "width", "channels_last"),
+    [(1, 5, 3, 7, 9, True), (2, 16, 24, 14, 13, False), (1, 8, 8, 4, 4, True), (1, 4, 6, 1, 2, True)],
+)
+def test_winograd_conv3x3_equals_conv2d(batch, in_channels, out_channels, height, width, channels_last):
+    from uss_core.models.winograd import winograd_conv3x3, winograd_weight
+
+    x = torch.randn(batch, in_channels, height, width)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(out_channels, in_channels, 3, 3) / (3 * in_channels**0.5)
+    expected = torch.nn.functional.conv2d(x, weight, padding=1)
+    got = winograd_conv3x3(x, winograd_weight(weight))
+    assert got.shape == expected.shape
+    assert torch.allclose(got, expected, atol=1e-5 * float(expected.abs().max()))
+
+
+def test_fused_cpu_inference_equals_the_eager_path(monkeypatch):
+    import uss_core.models.resunet as r
+
+    # Two blocks wide enough for the Winograd convolutions, the rest on oneDNN's fused ones.
+    model = ResUNet(ResUNetConfig(condition_size=7, encoder_channels=(8, 16, r.WINOGRAD_MIN_CHANNELS)))
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    model.eval().to(memory_format=torch.channels_last)
+    x, c = torch.randn(3, 1, 16000), torch.rand(3, 7)
+    calls = {"winograd": 0, "fused": 0}
+    winograd, fused = r.winograd_conv3x3, r.ConvBlockRes._forward_fused
+
+    def count(name, fn):
+        def wrapped(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+
+        return wrapped
+
+    monkeypatch.setattr(r, "winograd_conv3x3", count("winograd", winograd))
+    monkeypatch.setattr(r.ConvBlockRes, "_forward_fused", count("fused", fused))
+
+    def both() -> tuple[torch.Tensor, torch.Tensor]:
+        eager = model(x, c).detach()  # grad enabled: the plain path
+        with torch.inference_mode():
+            return eager, model(x, c)
+
+    eager, fast = both()
+    assert calls["fused"] == 3 * len([m for m in model.modules() if isinstance(m, r.ConvBlockRes)])
+    assert calls["winograd"] > 0 and calls["fused"] > 0
+    assert torch.allclose(fast, eager, atol=1e-5)
+    # The folded weights follow in-place changes of the tensors they come from.
+    block = model.base.encoder_block3.conv_block1
+    with torch.no_grad():
+        block.bn2.running_var.mul_(3)
+        block.conv2.weight.mul_(0.5)
+    eager2, fast2 = both()
+    assert not torch.allclose(eager2, eager, atol=1e-3)
+    assert torch.allclose(fast2, eager2, atol=1e-5)
