@@ -6,6 +6,7 @@
 An anchor is correct if it overlaps a true event of its class in its clip by at least half its
 length (:func:`pipelines.anchors.anchor_accuracy`); the anchors' clip ids are
 ``"<shard stem>/<key>"``, events.parquet has the key and the shard apart: both are joined on.
+Also the share of anchor time that holds the anchor's class and another class of its clip.
 Prints one line per anchor mode (and ``--json`` writes the same numbers). Reads with pyarrow
 alone (no Ray); ``s3://`` through the standard AWS environment.
 """
@@ -39,11 +40,14 @@ def main(argv: list[str] | None = None) -> int:
     results = anchor_accuracy(anchors, events, SAMPLE_RATE)
     for r in results:
         print(f"{r.mode:>9}: {r.correct}/{r.total} anchors correct, accuracy {100 * r.accuracy:.1f}%"
-              + (f" ({r.unmatched} with no event of their class in the clip)" if r.unmatched else ""))
+              + (f" ({r.unmatched} with no event of their class in the clip)" if r.unmatched else "")
+              + f"; anchor time holding its class {100 * r.own_class_share:.1f}%, "
+              f"another class of the clip {100 * r.other_class_share:.1f}%")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({r.mode: {"total": r.total, "correct": r.correct, "unmatched": r.unmatched,
-                                "accuracy": r.accuracy} for r in results}, f, indent=2)
+                                "accuracy": r.accuracy, "own_class_share": r.own_class_share,
+                                "other_class_share": r.other_class_share} for r in results}, f, indent=2)
     return 0
 
 

@@ -493,16 +493,32 @@ def mine_anchors(clips_uri: str, anchors_uri: str, config: MiningConfig, filesys
 class AnchorAccuracy:
     """Anchor accuracy of one mode: ``correct`` of ``total`` anchors overlap a true event of
     their class in their clip by at least half their length; ``unmatched``: anchors whose
-    (clip, class) has no event at all (counted wrong)."""
+    (clip, class) has no event at all (counted wrong). ``own_class_share`` /
+    ``other_class_share``: the mean fraction of an anchor's time that events of its class / of
+    the clip's other classes cover (how much of the training target is the class, and how much
+    is another sound)."""
 
     mode: str
     total: int
     correct: int
     unmatched: int
+    own_class_share: float
+    other_class_share: float
 
     @property
     def accuracy(self) -> float:
         return self.correct / self.total if self.total else math.nan
+
+
+def _covered_seconds(intervals: list[tuple[float, float]], start: float, end: float) -> float:
+    """Length of ``[start, end)`` covered by the union of ``intervals``."""
+    covered, reach = 0.0, start
+    for on, off in sorted(intervals):
+        on, off = max(on, reach), min(off, end)
+        if off > on:
+            covered += off - on
+            reach = off
+    return covered
 
 
 def anchor_accuracy(anchors: pa.Table, events: pa.Table, sample_rate: int = 32000) -> list[AnchorAccuracy]:
@@ -514,26 +530,33 @@ def anchor_accuracy(anchors: pa.Table, events: pa.Table, sample_rate: int = 3200
     on (shard, key, mid). An anchor is correct if one event overlaps it by at least half its
     length (events are not merged; the demo has at most one event per class and clip).
     """
-    intervals: dict[tuple[str, str, str], list[tuple[float, float]]] = {}
+    intervals: dict[tuple[str, str], dict[str, list[tuple[float, float]]]] = {}
     for shard, key, mid, on, off in zip(
         *(events.column(n).to_pylist() for n in ("shard", "clip_id", "mid", "onset_seconds", "offset_seconds"))
     ):
-        intervals.setdefault((shard, key, mid), []).append((on, off))
-    stats: dict[str, list[int]] = {}
+        intervals.setdefault((shard, key), {}).setdefault(mid, []).append((on, off))
+    stats: dict[str, list[float]] = {}
     for clip_id, mid, start, end, mode in zip(
         *(anchors.column(n).to_pylist() for n in ("clip_id", "class_mid", "start_sample", "end_sample", "mode"))
     ):
         shard, _, key = clip_id.partition("/")
-        counts = stats.setdefault(mode, [0, 0, 0])
+        counts = stats.setdefault(mode, [0, 0, 0, 0.0, 0.0])
         counts[0] += 1
-        found = intervals.get((shard, key, mid))
+        clip_events = intervals.get((shard, key), {})
+        a0, a1 = start / sample_rate, end / sample_rate
+        others = [iv for other, ivs in clip_events.items() if other != mid for iv in ivs]
+        counts[4] += _covered_seconds(others, a0, a1) / (a1 - a0)
+        found = clip_events.get(mid)
         if not found:
             counts[2] += 1
             continue
-        a0, a1 = start / sample_rate, end / sample_rate
+        counts[3] += _covered_seconds(found, a0, a1) / (a1 - a0)
         best = max(min(a1, off) - max(a0, on) for on, off in found)
         counts[1] += int(best >= 0.5 * (a1 - a0) - 1e-9)
-    return [AnchorAccuracy(mode, *stats[mode]) for mode in sorted(stats)]
+    return [
+        AnchorAccuracy(mode, int(c[0]), int(c[1]), int(c[2]), c[3] / c[0], c[4] / c[0])
+        for mode, c in sorted(stats.items())
+    ]
 
 
 __all__ = [

@@ -417,6 +417,11 @@ def test_anchor_accuracy_half_overlap_rule():
     results = {r.mode: r for r in anchor_accuracy(anchors, events)}
     assert (results["max_area"].total, results["max_area"].correct, results["max_area"].unmatched) == (3, 0, 0)
     assert (results["random"].total, results["random"].correct, results["random"].unmatched) == (2, 0, 2)
+    # Shares: sh/k1 [0,2) holds /m/a over [1,1.5) (0.25); [1,3) over [1,1.5) + [2.5,3) (0.5); sh/k2
+    # [0,2) over [1.01,2) (0.495); the /m/b anchor of sh/k1 has /m/a, another class, over 0.25.
+    assert results["max_area"].own_class_share == pytest.approx((0.25 + 0.5 + 0.495) / 3)
+    assert results["max_area"].other_class_share == 0.0
+    assert (results["random"].own_class_share, results["random"].other_class_share) == (0.0, pytest.approx(0.125))
     events2 = events.set_column(3, "onset_seconds", pa.array([1.0, 2.0, 1.0]))
     results = {r.mode: r for r in anchor_accuracy(anchors, events2)}
     assert results["max_area"].correct == 2  # [1,3) overlaps [2,9) by 1 s; [0,2) overlaps [1,4) by 1 s
