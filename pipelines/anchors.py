@@ -350,7 +350,7 @@ class AnchorMiner:
                     columns.append(self._sed_column[mid])
                 curves = torch.from_numpy(np.ascontiguousarray(framewise[k][:, columns].T))  # (labels, frames)
                 for j, mid in enumerate(label_mids[i]):
-                    prob = framewise[k, :, columns[j]]
+                    prob = curves[j].numpy()
                     if config.mode == "max_area":
                         others = torch.cat((curves[:j], curves[j + 1 :]))
                         start, end = max_area_anchor(curves[j], geometry, others, config.other_label_penalty)

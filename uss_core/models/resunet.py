@@ -38,7 +38,7 @@ from uss_core.models.init import init_bn, init_layer
 MASKS = ("complex", "magnitude")
 INPUT_SCALES = ("linear", "log")
 LOG_FLOOR = 1e-4  # added to the magnitude before the log: keeps silent bins finite
-WINOGRAD_MIN_CHANNELS = 128  # fused path: below it oneDNN's direct convolution is faster (README)
+WINOGRAD_MIN_CHANNELS = 128  # fused path: below it oneDNN's direct convolution is faster (uss_core.models.winograd)
 
 
 @dataclass(frozen=True)
@@ -128,6 +128,12 @@ def _film_row(film: dict, row: int) -> dict:
     return {k: _film_row(v, row) if isinstance(v, dict) else v[row : row + 1] for k, v in film.items()}
 
 
+def bn_eval_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, shift)`` per channel with ``bn(x) == x * scale + shift`` in eval mode."""
+    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+    return scale, bn.bias - bn.running_mean * scale
+
+
 def norm_film_act(bn: nn.BatchNorm2d, x: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
     """``leaky_relu(bn(x) + beta)``; in eval mode as one fused multiply-add (inference hot path).
 
@@ -138,8 +144,7 @@ def norm_film_act(bn: nn.BatchNorm2d, x: torch.Tensor, beta: torch.Tensor) -> to
     if x.shape[0] == 1 and fused_cpu_inference(x):  # one row: beta is a per-channel constant, a BN bias
         y = F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias + beta.flatten(), False, 0.0, bn.eps)
         return F.leaky_relu_(y, negative_slope=0.01)
-    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
-    shift = bn.bias - bn.running_mean * scale
+    scale, shift = bn_eval_affine(bn)
     # In x's dtype: under bf16 autocast, fp32 constants would promote the whole activation to
     # fp32 and back. mul + add_ keep x's memory format (channels-last on CPU); addcmul would not.
     y = x * scale.to(x.dtype)[:, None, None]
@@ -210,7 +215,7 @@ class ConvBlockRes(nn.Module):
         """:meth:`forward` for one row in eval mode: conv1 with bn2, the FiLM bias and the leaky
         ReLU folded in (for one row the bias is a per-channel constant), conv2 with the shortcut
         added, each one oneDNN call (Winograd in the wide blocks). Same result within float
-        rounding, in about two thirds of the time."""
+        rounding."""
         conv1, shift, conv2 = self._fused_weights()
         a = norm_film_act(self.bn1, x, film["beta1"])
         h = conv1(a, bias=shift + film["beta2"].flatten(), leaky_relu=True)
@@ -227,8 +232,7 @@ class ConvBlockRes(nn.Module):
         sources = (self.conv1.weight, self.conv2.weight, self.bn2.weight, self.bn2.bias, self.bn2.running_mean, self.bn2.running_var)
         key = tuple((t.data_ptr(), t._version) for t in sources) + (self.bn2.eps,)
         if self._fused is None or self._fused[0] != key:
-            scale = self.bn2.weight * torch.rsqrt(self.bn2.running_var + self.bn2.eps)
-            shift = self.bn2.bias - self.bn2.running_mean * scale
+            scale, shift = bn_eval_affine(self.bn2)
             conv1 = FusedConv3x3(self.conv1.weight * scale[:, None, None, None])
             self._fused = (key, conv1, shift, FusedConv3x3(self.conv2.weight))
         return self._fused[1:]
