@@ -7,7 +7,9 @@ An anchor is correct if it overlaps a true event of its class in its clip by at 
 length (:func:`pipelines.anchors.anchor_accuracy`); the anchors' clip ids are
 ``"<shard stem>/<key>"``, events.parquet has the key and the shard apart: both are joined on.
 Also the share of anchor time that holds the anchor's class and another class of its clip.
-Prints one line per anchor mode (and ``--json`` writes the same numbers). Reads with pyarrow
+Each ``--anchors`` dataset is scored on its own (two max-area sets mined differently are two
+lines): one line per dataset and anchor mode, and ``--json`` writes the same numbers keyed by
+dataset and mode. Reads with pyarrow
 alone (no Ray); ``s3://`` through the standard AWS environment.
 """
 
@@ -32,22 +34,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import pyarrow as pa
-
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    anchors = pa.concat_tables([read_table(uri, columns=ANCHOR_COLUMNS) for uri in args.anchors])
     events = read_table(args.events)
-    results = anchor_accuracy(anchors, events, SAMPLE_RATE)
-    for r in results:
-        print(f"{r.mode:>9}: {r.correct}/{r.total} anchors correct, accuracy {100 * r.accuracy:.1f}%"
-              + (f" ({r.unmatched} with no event of their class in the clip)" if r.unmatched else "")
-              + f"; anchor time holding its class {100 * r.own_class_share:.1f}%, "
-              f"another class of the clip {100 * r.other_class_share:.1f}%")
+    numbers: dict[str, dict] = {}
+    for uri in args.anchors:
+        for r in anchor_accuracy(read_table(uri, columns=ANCHOR_COLUMNS), events, SAMPLE_RATE):
+            print(f"{uri} ({r.mode}): {r.correct}/{r.total} anchors correct, accuracy {100 * r.accuracy:.1f}%"
+                  + (f" ({r.unmatched} with no event of their class in the clip)" if r.unmatched else "")
+                  + f"; anchor time holding its class {100 * r.own_class_share:.1f}%, "
+                  f"another class of the clip {100 * r.other_class_share:.1f}%")
+            numbers.setdefault(uri, {})[r.mode] = {
+                "total": r.total, "correct": r.correct, "unmatched": r.unmatched, "accuracy": r.accuracy,
+                "own_class_share": r.own_class_share, "other_class_share": r.other_class_share,
+            }
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({r.mode: {"total": r.total, "correct": r.correct, "unmatched": r.unmatched,
-                                "accuracy": r.accuracy, "own_class_share": r.own_class_share,
-                                "other_class_share": r.other_class_share} for r in results}, f, indent=2)
+            json.dump(numbers, f, indent=2)
     return 0
 
 

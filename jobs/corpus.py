@@ -1,4 +1,5 @@
-"""``uss corpus``: build corpora. ``uss corpus demo --out DIR`` renders the embedded demo corpus.
+"""``uss corpus``: build corpora. ``uss corpus demo --out DIR`` renders the embedded demo corpus;
+``uss corpus true-sources`` rewrites a demo evaluation set with its true sources as targets.
 
 The demo corpus (a mini-AudioSet of GM-soundfont instruments and effects plus eSpeak NG speech,
 weakly labelled, in WebDataset shards) needs no download: see :mod:`pipelines.demo_corpus`.
@@ -9,12 +10,17 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipelines.demo_corpus import DemoCorpusConfig, build_demo_corpus
+from pipelines.demo_corpus import (
+    MIN_TRUE_SOURCE_SHARE,
+    DemoCorpusConfig,
+    build_demo_corpus,
+    write_true_source_evaluation_set,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="uss corpus", description="Build corpora for training and evaluation.")
-    sub = p.add_subparsers(dest="corpus", required=True, metavar="{demo}")
+    sub = p.add_subparsers(dest="corpus", required=True, metavar="{demo,true-sources}")
     defaults = DemoCorpusConfig()
     d = sub.add_parser(
         "demo",
@@ -42,6 +48,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     d.add_argument("--workers", type=int, default=None, help="rendering processes (default: one per CPU)")
     d.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t = sub.add_parser(
+        "true-sources",
+        help="a demo evaluation set with the true sources as targets (instead of weak-label anchors)",
+        description=(
+            "Rewrite an evaluation set mixed from demo-corpus anchors (jobs.mix --eval-out) so that each "
+            "target is the true source: the target class's events alone, re-rendered from the corpus seed "
+            "and cut to the anchor. Mixtures and conditions stay; pairs whose true source holds under "
+            f"{100 * MIN_TRUE_SOURCE_SHARE:g}%% of the anchor's energy (mining misses) are dropped. "
+            "Score it with python -m jobs.evaluate like any evaluation set."
+        ),
+    )
+    t.add_argument("--corpus", required=True, help="the demo corpus folder the clips were ingested from")
+    t.add_argument("--eval", required=True, help="the evaluation set (jobs.mix --eval-out; local or s3://)")
+    t.add_argument("--anchors", required=True, help="the anchors it was mixed from (local or s3://)")
+    t.add_argument("--out", required=True, help="output folder (its Parquet files are replaced)")
     return p
 
 
@@ -53,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
             config, args.out, metadata_dir=args.metadata_dir, progress=not args.no_progress, num_workers=args.workers
         )
         print(summary)
+    else:
+        written = write_true_source_evaluation_set(args.corpus, args.eval, args.anchors, args.out)
+        print(written)
     return 0
 
 

@@ -11,9 +11,11 @@ Stages, each the same job a user runs alone (same code, same MLflow run, same ou
 3. ``jobs.train_tagger``: train the small sound event detector on the weak labels;
 4. ``jobs.mine``: mine max-area anchors (and random ones, for comparison) and score both against
    the true event times (``jobs.anchor_accuracy``);
-5. ``jobs.mix``: training mixtures and the held-out evaluation pairs;
+5. ``jobs.mix``: training mixtures and the held-out evaluation pairs, whose targets are weak-label
+   anchors as in the paper; ``uss corpus true-sources`` writes the same pairs with the true sources
+   (the target class's events alone, which the demo corpus can render) as targets;
 6. ``jobs.train``: train the small separator (Ray Train), registered in MLflow;
-7. ``jobs.evaluate``: SDRi / SI-SDRi per class next to the IRM ceiling;
+7. ``jobs.evaluate``: SDRi / SI-SDRi per class next to the IRM ceiling, on both evaluation sets;
 8. ``uss separate``: separate one held-out 10-s demo clip hierarchically (ontology levels 1-3).
 
 Everything goes under ``<workspace>/demo`` (``$USS_WORKSPACE``, default ``./workspace``) on a
@@ -68,8 +70,10 @@ class DemoPaths:
             "random_anchors": "anchors-random",
             "mixtures": "mixtures",
             "eval_mixtures": "eval-mixtures",
+            "true_source_eval": "eval-true-sources",
             "separator": "separator",
             "evaluation": "evaluation",
+            "true_source_evaluation": "evaluation-true-sources",
             "example": "example",
             "separated": "separated",
         }
@@ -169,10 +173,14 @@ def run_demo(config: DemoConfig, root: Path) -> dict:
         summary["anchor_accuracy"] = {r.mode: round(r.accuracy, 4) for r in scored}
 
     stages.run("mine", "mining anchors (max-area; random for comparison) and scoring them", mine_all)
-    stages.run("mix", "mixing training mixtures and held-out evaluation pairs", lambda: _job(mix.main, [
-        "--anchors", paths.anchors, "--out", paths.mixtures, "--seed", config.seed,
-        "--eval-out", paths.eval_mixtures, "--eval-per-class", config.eval_per_class,
-        "--eval-fraction", config.eval_fraction]))
+    def mix_all() -> None:
+        _job(mix.main, ["--anchors", paths.anchors, "--out", paths.mixtures, "--seed", config.seed,
+                        "--eval-out", paths.eval_mixtures, "--eval-per-class", config.eval_per_class,
+                        "--eval-fraction", config.eval_fraction])
+        _job(corpus.main, ["true-sources", "--corpus", paths.corpus, "--eval", paths.eval_mixtures,
+                           "--anchors", paths.anchors, "--out", paths.true_source_eval])
+
+    stages.run("mix", "mixing training mixtures and held-out evaluation pairs (weak and true targets)", mix_all)
     train_args = ["--mixtures", paths.mixtures, "--anchors", paths.anchors, "--eval", paths.eval_mixtures, "--condition-tagger", paths.tagger,
                   "--labels-csv", labels_csv, "--preset", config.separator_preset, "--out", paths.separator,
                   "--run-name", "demo-separator"]
@@ -181,10 +189,15 @@ def run_demo(config: DemoConfig, root: Path) -> dict:
     stages.run("train", "training the separator", lambda: _job(train.main, train_args))
 
     def run_evaluation() -> None:
-        result = evaluate.evaluate(paths.separator, paths.eval_mixtures, paths.evaluation)
-        print(result.markdown(), flush=True)
-        summary["evaluation"] = {k: round(v, 3) for k, v in result.averages.items()}
-        summary["evaluation_pairs"] = result.num_pairs
+        for key, eval_set, out, title in (
+            ("evaluation", paths.eval_mixtures, paths.evaluation, "targets: weak-label anchors (the paper's protocol)"),
+            ("evaluation_true_sources", paths.true_source_eval, paths.true_source_evaluation,
+             "targets: the true sources (the target class alone)"),
+        ):
+            result = evaluate.evaluate(paths.separator, eval_set, out)
+            print(f"\n{title}\n{result.markdown()}", flush=True)
+            summary[key] = {k: round(v, 3) for k, v in result.averages.items()}
+            summary[f"{key}_pairs"] = result.num_pairs
 
     stages.run("evaluate", "evaluating SDRi per class against the IRM ceiling", run_evaluation)
 
@@ -202,21 +215,30 @@ def run_demo(config: DemoConfig, root: Path) -> dict:
 
 
 def _report(summary: dict, root: Path) -> str:
-    ev = summary.get("evaluation", {})
     acc = summary.get("anchor_accuracy", {})
     db = tracking_uri()
+    nan = float("nan")
     lines = [
         "",
         f"demo finished in {summary['total_seconds']:.0f} s; everything is under {root}",
         "  anchor accuracy: " + ", ".join(f"{mode} {100 * a:.1f}%" for mode, a in acc.items()),
-        f"  separator: class-averaged SDRi {ev.get('sdri', float('nan')):.2f} dB, SI-SDRi "
-        f"{ev.get('si_sdri', float('nan')):.2f} dB (IRM ceiling {ev.get('irm_sdri', float('nan')):.2f} dB) "
-        f"on {summary.get('evaluation_pairs', 0)} held-out pairs",
-        f"  per-class table and plot: {root / 'evaluation'}",
+    ]
+    for key, folder, targets in (
+        ("evaluation", "evaluation", "weak-label targets"),
+        ("evaluation_true_sources", "evaluation-true-sources", "true-source targets"),
+    ):
+        ev = summary.get(key, {})
+        lines.append(
+            f"  separator, {targets}: class-averaged SDRi {ev.get('sdri', nan):.2f} dB, SI-SDRi "
+            f"{ev.get('si_sdri', nan):.2f} dB (IRM ceiling {ev.get('irm_sdri', nan):.2f} dB) on "
+            f"{summary.get(key + '_pairs', 0)} held-out pairs; table and plot in {root / folder}"
+        )
+    artifacts = " --default-artifact-root " + str(workspace_dir() / "mlartifacts") if db.startswith("sqlite") else ""
+    lines += [
         f"  separated example: {summary.get('separated_example')}",
         f"  checkpoints: {root / 'tagger-sed'}, {root / 'separator'}",
         f"  summary: {root / 'summary.json'}",
-        f"  MLflow UI: mlflow ui --backend-store-uri {db}" + (" --default-artifact-root " + str(workspace_dir() / "mlartifacts") if db.startswith("sqlite") else ""),
+        f"  MLflow UI: mlflow ui --backend-store-uri {db}{artifacts}",
     ]
     return "\n".join(lines)
 

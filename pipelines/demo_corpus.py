@@ -1307,3 +1307,142 @@ def build_demo_corpus(
         seconds=time.perf_counter() - start,
         clips_per_class=clips_per_class,
     )
+
+
+# --------------------------------------------------------------------------------------------
+# True sources: the evaluation set with each target's clean class stem
+# --------------------------------------------------------------------------------------------
+
+# A pair is kept when its true source holds at least this share of the target anchor's energy
+# (-20 dB): below it the anchor is a mining miss (the class is absent or only a fade-out tail),
+# its true target is (nearly) silence and SDR says nothing about separation.
+MIN_TRUE_SOURCE_SHARE = 0.01
+
+
+@dataclass
+class TrueSourceSummary:
+    """What :func:`write_true_source_evaluation_set` wrote."""
+
+    out_path: Path
+    num_pairs: int  # pairs written
+    num_dropped: int  # pairs whose anchor misses its class (true source under the share)
+    num_clips: int  # clips re-rendered
+    mean_true_share: float  # mean share of the target anchor's energy that is the true source
+
+    def __str__(self) -> str:
+        return (f"true-source evaluation set: {self.num_pairs} pairs in {self.out_path} ({self.num_dropped} "
+                f"dropped: anchor misses its class; {self.num_clips} clips re-rendered; the true source is "
+                f"{100 * self.mean_true_share:.0f}% of a target anchor's energy on average)")
+
+
+def load_corpus_description(corpus_dir: str | os.PathLike) -> tuple[DemoCorpusConfig, list[DemoClass]]:
+    """The config and classes a finished corpus in ``corpus_dir`` was rendered with (its
+    ``corpus.json``), so that any clip of it can be rendered again."""
+    path = Path(corpus_dir) / "corpus.json"
+    if not path.is_file():
+        raise ConfigError(f"{path} not found: {corpus_dir} is not a finished demo corpus (run `uss corpus demo`)")
+    document = json.loads(path.read_text())
+    fields = {f.name for f in dataclasses.fields(DemoCorpusConfig)}
+    config = DemoCorpusConfig(**{
+        k: tuple(v) if isinstance(v, list) else v for k, v in document["config"].items() if k in fields
+    })
+    classes = [
+        DemoClass(c["index"], c["mid"], c["display_name"], c["audioset_index"], tuple(c["ancestors"]))
+        for c in document["classes"]
+    ]
+    return config, classes
+
+
+def clip_index_for(config: DemoCorpusConfig, clip_id: str) -> int:
+    """The index of the clip named ``clip_id`` (as :func:`clip_id_for` names it; a dataset's
+    ``"<shard>/<clip_id>"`` form too); ConfigError if the name is not of this corpus."""
+    name = clip_id.rsplit("/", 1)[-1]
+    prefix = f"demo-s{config.seed}-"
+    digits = name[len(prefix):]
+    if not name.startswith(prefix) or not digits.isdigit() or int(digits) >= config.num_clips:
+        raise ConfigError(f"clip {clip_id!r} is not a clip of this demo corpus (seed {config.seed}, "
+                          f"{config.num_clips} clips): were the anchors mined from another corpus?")
+    return int(digits)
+
+
+def write_true_source_evaluation_set(
+    corpus_dir: str | os.PathLike,
+    eval_uri: str,
+    anchors_uri: str,
+    out_dir: str | os.PathLike,
+    filesystem: object = None,
+) -> TrueSourceSummary:
+    """A copy of the evaluation set at ``eval_uri`` whose targets are the true sources.
+
+    The mixing stage's evaluation pairs take a weakly labelled anchor as the target, as the
+    paper does on AudioSet: whatever else sounds in those 2 s counts as part of the target. The
+    demo corpus knows better: each target anchor's clip (named in the anchors dataset at
+    ``anchors_uri``) is rendered again from the corpus seed, the events of the target class are
+    summed, cut to the anchor's samples and scaled by the pair's ``target_gain``. Mixtures,
+    conditions and gains are unchanged, so the two sets score the same estimates against two
+    targets. Pairs whose true source holds under :data:`MIN_TRUE_SOURCE_SHARE` of the anchor's
+    energy are dropped (counted). Every re-rendered anchor is checked against the set's target
+    (the decoded shard audio): a corpus rendered by other package versions is a ConfigError, not
+    a wrong score. Writes ``out_dir/part-00000.parquet`` (``MIXTURE_SCHEMA``) atomically.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipelines.schemas import MIXTURE_SCHEMA, float_list_array, read_table
+
+    config, classes = load_corpus_description(corpus_dir)
+    pairs = read_table(eval_uri, filesystem, schema=MIXTURE_SCHEMA)
+    if pairs.num_rows == 0:
+        raise ConfigError(f"no evaluation pairs in {eval_uri} (run `python -m jobs.mix --eval-out ...` first)")
+    wanted = set(pairs.column("target_anchor_id").to_pylist())
+    columns = ["anchor_id", "clip_id", "class_index", "start_sample", "end_sample"]
+    anchors = {a["anchor_id"]: a for a in read_table(anchors_uri, filesystem, columns=columns).to_pylist()
+               if a["anchor_id"] in wanted}
+    missing = sorted(wanted - set(anchors))
+    if missing:
+        raise ConfigError(f"{len(missing)} target anchors of {eval_uri} are not in {anchors_uri} "
+                          f"(e.g. {missing[0]}): pass the anchors the evaluation set was mixed from")
+
+    rendered: dict[int, RenderedClip] = {}
+    keep, targets, shares = [], [], []
+    for row, (anchor_id, gain, target) in enumerate(zip(
+        pairs.column("target_anchor_id").to_pylist(),
+        pairs.column("target_gain").to_pylist(),
+        pairs.column("target").to_numpy(zero_copy_only=False),
+    )):
+        anchor = anchors[anchor_id]
+        index = clip_index_for(config, anchor["clip_id"])
+        if index not in rendered:
+            rendered[index] = render_clip(config, classes, index)
+        clip = rendered[index]
+        start, end = anchor["start_sample"], anchor["end_sample"]
+        target = np.asarray(target, np.float32)
+        again = clip.audio[start:end] * np.float32(gain)
+        # 16-bit FLAC in the shards: 3e-5 of full scale, well inside the tolerance.
+        if len(again) > len(target) or np.abs(again - target[: len(again)]).max() > 1e-3 * max(1.0, gain):
+            raise ConfigError(
+                f"clip {anchor['clip_id']} renders differently from its shard audio: the corpus in "
+                f"{corpus_dir} was built with other package versions (see its corpus.json 'versions'); "
+                "rebuild it here with `uss corpus demo`"
+            )
+        source = np.zeros_like(target)
+        for audio, event in zip(clip.event_audio, clip.events):
+            if event["class_index"] == anchor["class_index"]:
+                source[: len(again)] += audio[start:end] * np.float32(gain)
+        share = float(np.sum(source.astype(np.float64) ** 2) / max(np.sum(target.astype(np.float64) ** 2), 1e-20))
+        if share >= MIN_TRUE_SOURCE_SHARE:
+            keep.append(row)
+            targets.append(source)
+            shares.append(share)
+
+    table = pairs.take(pa.array(keep, pa.int64()))
+    table = table.set_column(table.schema.get_field_index("target"), "target", float_list_array(targets))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob("*.parquet"):
+        stale.unlink()
+    out_path = out / "part-00000.parquet"
+    with atomic_path(out_path) as temp:
+        pq.write_table(table.cast(MIXTURE_SCHEMA), temp)
+    return TrueSourceSummary(out_path, len(keep), pairs.num_rows - len(keep), len(rendered),
+                             float(np.mean(shares)) if shares else float("nan"))

@@ -387,9 +387,10 @@ def test_ingest_mine_and_accuracy_jobs(ray_local, taggers, job_env, capsys):
     assert anchor_accuracy.main(["--anchors", str(tmp / "anchors-max_area"), str(tmp / "anchors-random"),
                                  "--events", str(tmp / "events.parquet"), "--json", str(tmp / "acc.json")]) == 0
     printed = capsys.readouterr().out
-    assert "max_area: 9/9 anchors correct, accuracy 100.0%" in printed
+    assert f"{tmp / 'anchors-max_area'} (max_area): 9/9 anchors correct, accuracy 100.0%" in printed
     numbers = json.loads((tmp / "acc.json").read_text())
-    assert numbers["max_area"]["accuracy"] == 1.0 and numbers["random"]["total"] == 9
+    assert numbers[str(tmp / "anchors-max_area")]["max_area"]["accuracy"] == 1.0
+    assert numbers[str(tmp / "anchors-random")]["random"]["total"] == 9
 
 
 def test_anchor_accuracy_half_overlap_rule():

@@ -216,3 +216,84 @@ def test_uss_corpus_demo_command(tmp_path, capsys):
     assert "3 clips" in capsys.readouterr().out
     assert sorted(p.name for p in (out / "shards").iterdir()) == ["demo-00000.tar", "demo-00001.tar"]
     assert main(["corpus", "demo", "--out", str(out), "--num-clips", "0"]) == 2  # a user error, no traceback
+
+
+def _eval_set(tmp_path: Path, corpus, anchors: list[dict], gains: list[float]) -> tuple[str, str]:
+    """An anchors dataset and an evaluation set of one pair per anchor, mixed from the shards'
+    decoded audio as the mixing stage does (target = gain x anchor; partner = the next anchor)."""
+    import pyarrow as pa
+
+    from pipelines.schemas import MIXTURE_SCHEMA
+
+    summary, config, classes = corpus
+    samples = read_shards(summary.out_dir / "shards")
+    audio = {key: soundfile.read(io.BytesIO(s["flac"]), dtype="float32")[0] for key, s in samples.items()}
+    segments = [audio[a["clip_id"].split("/")[-1]][a["start_sample"] : a["end_sample"]] for a in anchors]
+    rows = []
+    for i, (a, gain) in enumerate(zip(anchors, gains)):
+        target = gain * segments[i]
+        partner = segments[(i + 1) % len(anchors)]
+        rows.append({
+            "mixture_id": f"pair-{i}", "target_anchor_id": a["anchor_id"], "partner_anchor_ids": ["p"],
+            "target_class_index": a["class_index"], "partner_class_indexes": [0],
+            "mixture": (target + partner).tolist(), "target": target.tolist(),
+            "condition_at_soft": [], "condition_embedding": [], "target_gain": gain, "partner_gains": [1.0],
+        })
+    anchors_dir, eval_dir = tmp_path / "anchors", tmp_path / "eval"
+    anchors_dir.mkdir()
+    eval_dir.mkdir()
+    pq.write_table(pa.Table.from_pylist(anchors), anchors_dir / "part-0.parquet")
+    pq.write_table(pa.Table.from_pylist(rows, schema=MIXTURE_SCHEMA), eval_dir / "part-0.parquet")
+    return str(eval_dir), str(anchors_dir)
+
+
+def test_true_source_evaluation_set_holds_each_targets_class_alone(corpus, tmp_path):
+    from pipelines.schemas import float_list_array
+
+    summary, config, classes = corpus
+    events = pq.read_table(summary.events_path).to_pylist()
+    seg = 2 * SR
+    anchors, expected = [], []
+    for i, e in enumerate(events[:4]):
+        index = dc.clip_index_for(config, e["clip_id"])
+        clip = dc.render_clip(config, classes, index)
+        onset = int(e["onset_seconds"] * SR)
+        on = min(onset, config.clip_samples - seg)  # the 2 s from the event's onset: holds it
+        # Events last at most 6 of the 10 s: the first or last 2 s of the clip miss this one.
+        off = config.clip_samples - seg if e["onset_seconds"] < 2.0 else 0
+        for start, label in ((on, "on"), (off, "off")):
+            anchors.append({"anchor_id": f"{e['clip_id']}-{label}", "clip_id": f"{e['shard']}/{e['clip_id']}",
+                            "class_index": e["class_index"], "start_sample": start, "end_sample": start + seg})
+            expected.append(clip.event_audio[e["event_index"]][start : start + seg])
+    gains = [0.5 + 0.25 * i for i in range(len(anchors))]
+    eval_uri, anchors_uri = _eval_set(tmp_path, corpus, anchors, gains)
+
+    written = dc.write_true_source_evaluation_set(summary.out_dir, eval_uri, anchors_uri, tmp_path / "true")
+    assert (written.num_pairs, written.num_dropped, written.num_clips) == (4, 4, len({a["clip_id"] for a in anchors}))
+    table = pq.read_table(written.out_path)
+    weak = pq.read_table(Path(eval_uri) / "part-0.parquet")
+    assert table.column("mixture_id").to_pylist() == [f"pair-{i}" for i in range(0, 8, 2)]  # the "on" pairs
+    for row, i in zip(table.to_pylist(), range(0, 8, 2)):
+        np.testing.assert_allclose(row["target"], gains[i] * expected[i], atol=1e-6)
+        assert row["mixture"] == weak.column("mixture")[i].as_py()  # same mixture, new target
+    assert 0.0 < written.mean_true_share <= 1.0 + 1e-6
+
+    from jobs.cli import main  # the same through `uss corpus true-sources`
+
+    args = ["corpus", "true-sources", "--corpus", str(summary.out_dir), "--eval", eval_uri, "--anchors", anchors_uri]
+    assert main(args + ["--out", str(tmp_path / "cli")]) == 0
+    assert pq.read_table(tmp_path / "cli").equals(table)
+
+    # Shard audio that the corpus does not render (other package versions) is refused.
+    other = tmp_path / "other"
+    other.mkdir()
+    tampered = weak.set_column(weak.schema.get_field_index("target"), "target",
+                               float_list_array([np.asarray(t, np.float32) * 1.1 for t in weak.column("target").to_pylist()]))
+    pq.write_table(tampered, other / "part-0.parquet")
+    with pytest.raises(ConfigError, match="renders differently"):
+        dc.write_true_source_evaluation_set(summary.out_dir, str(other), anchors_uri, tmp_path / "t2")
+    with pytest.raises(ConfigError, match="not a clip of this demo corpus"):
+        dc.clip_index_for(dc.DemoCorpusConfig(seed=99), anchors[0]["clip_id"])
+    with pytest.raises(ConfigError, match="not a finished demo corpus"):
+        dc.write_true_source_evaluation_set(tmp_path, eval_uri, anchors_uri, tmp_path / "t3")
+    assert not (tmp_path / "t2").exists()  # nothing half-written
