@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -48,6 +49,7 @@ class DemoConfig:
     tagger_preset: str = "tagger-cpu-small"
     tagger_epochs: int | None = None  # None: the preset's
     mine_random: bool = True  # also mine random anchors to compare their accuracy
+    other_label_penalty: float = 0.0  # max-area mining: 0 is the reference's (see jobs.mine)
     eval_per_class: int = 6
     eval_fraction: float = 0.15
     separator_preset: str = "separator-cpu-small"
@@ -76,6 +78,7 @@ class DemoPaths:
             "true_source_evaluation": "evaluation-true-sources",
             "example": "example",
             "separated": "separated",
+            "ray_results": "ray_results",
         }
         if name not in layout:
             raise AttributeError(name)
@@ -142,6 +145,9 @@ def run_demo(config: DemoConfig, root: Path) -> dict:
 
     paths = DemoPaths(root)
     root.mkdir(parents=True, exist_ok=True)
+    # A rerun starts over: the Ray Train state of an earlier run would otherwise resume its
+    # separator (trained on the earlier corpus and anchors) instead of training a new one.
+    shutil.rmtree(paths.ray_results, ignore_errors=True)
     labels_csv = paths.corpus / "labels.csv"
     stages = Stages(8)
     summary: dict = {"config": asdict(config), "workspace": str(root), "mlflow_tracking_uri": tracking_uri()}
@@ -154,7 +160,8 @@ def run_demo(config: DemoConfig, root: Path) -> dict:
         "--format", "webdataset", "--input", paths.corpus / "shards", "--out", paths.clips,
         "--labels-csv", labels_csv]))
     tagger_args = ["--clips", paths.clips, "--out", paths.tagger, "--labels-csv", labels_csv,
-                   "--preset", config.tagger_preset, "--head", "sed", "--run-name", "demo-tagger"]
+                   "--preset", config.tagger_preset, "--head", "sed", "--run-name", "demo-tagger",
+                   "--storage", paths.ray_results]
     if config.tagger_epochs:
         tagger_args += ["--epochs", config.tagger_epochs]
     stages.run("train_tagger", "training the sound event detector on weak labels", lambda: _job(train_tagger.main, tagger_args))
@@ -162,8 +169,9 @@ def run_demo(config: DemoConfig, root: Path) -> dict:
     def mine_all() -> None:
         modes = [("max_area", paths.anchors)] + ([("random", paths.random_anchors)] if config.mine_random else [])
         for mode, out in modes:
+            penalty = ["--other-label-penalty", config.other_label_penalty] if mode == "max_area" else []
             _job(mine.main, ["--clips", paths.clips, "--out", out, "--sed-tagger", paths.tagger,
-                             "--condition-tagger", paths.tagger, "--mode", mode, "--seed", config.seed])
+                             "--condition-tagger", paths.tagger, "--mode", mode, "--seed", config.seed, *penalty])
         _job(anchor_accuracy.main, ["--anchors", *[out for _, out in modes], "--events", paths.corpus / "events.parquet"])
         columns = ["clip_id", "class_mid", "start_sample", "end_sample", "mode"]
         import pyarrow as pa
@@ -183,7 +191,7 @@ def run_demo(config: DemoConfig, root: Path) -> dict:
     stages.run("mix", "mixing training mixtures and held-out evaluation pairs (weak and true targets)", mix_all)
     train_args = ["--mixtures", paths.mixtures, "--anchors", paths.anchors, "--eval", paths.eval_mixtures, "--condition-tagger", paths.tagger,
                   "--labels-csv", labels_csv, "--preset", config.separator_preset, "--out", paths.separator,
-                  "--run-name", "demo-separator"]
+                  "--run-name", "demo-separator", "--storage", paths.ray_results]
     if config.separator_steps:
         train_args += ["--steps", config.separator_steps]
     stages.run("train", "training the separator", lambda: _job(train.main, train_args))

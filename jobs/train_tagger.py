@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--torch-threads", type=int, help="torch threads per worker")
     o.add_argument("--seed", type=int)
     p.add_argument("--run-name", help="MLflow / Ray Train run name")
+    p.add_argument("--storage", help="Ray Train run storage, local or s3:// (default <workspace>/ray_results)")
     return p
 
 
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
             args.clips,
             args.out,
             labels,
-            storage_path=workspace_dir() / "ray_results",
+            storage_path=args.storage or workspace_dir() / "ray_results",
             run_name=args.run_name,
             on_epoch=MlflowMetricLogger(tracking_uri(), run.info.run_id, METRIC_KEYS, "epoch"),
             on_summary=on_summary,

@@ -542,7 +542,7 @@ def _train_loop(loop_config: dict) -> None:
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
     torch.manual_seed(config.seed)  # same initial weights everywhere (DDP broadcasts them anyway)
-    model_config = dataclasses.replace(config.model, classes_num=len(labels))
+    model_config = dataclasses.replace(config.model, classes_num=len(labels), head=config.head)
     net = _model_class(config.head)(model_config)
     model = ray.train.torch.prepare_model(net)  # DDP (gloo) when world > 1
     net = model.module if hasattr(model, "module") else model

@@ -268,3 +268,30 @@ def test_fused_cpu_inference_equals_the_eager_path(monkeypatch):
     eager2, fast2 = both()
     assert not torch.allclose(eager2, eager, atol=1e-3)
     assert torch.allclose(fast2, eager2, atol=1e-5)
+
+
+def test_a_cnn14_of_sed_weights_tags_through_the_sed_head(tmp_path):
+    """A tagger trained with the decision-level head, loaded as a clip-level Cnn14 (conditions,
+    segment activity), gives the probabilities of the head it was trained with."""
+    import dataclasses
+
+    from uss_core.checkpoints import load_tagger, save_tagger_checkpoint
+
+    sed = Cnn14DecisionLevelMax(dataclasses.replace(SMALL_TAGGER, head="sed")).eval()
+    path = save_tagger_checkpoint(sed, five_labels(), tmp_path / "tagger")
+    clip, _ = load_tagger(path)  # the clip-level class, as the query net and the activity gate use
+    assert type(clip) is Cnn14 and clip.config.head == "sed"
+    x = torch.randn(2, 32000)
+    with torch.inference_mode():
+        assert torch.equal(clip(x)["clipwise_output"], sed(x)["clipwise_output"])
+        plain = Cnn14(SMALL_TAGGER).eval()
+        plain.load_state_dict(sed.state_dict())
+        assert not torch.allclose(plain(x)["clipwise_output"], sed(x)["clipwise_output"])
+    # A tagger saved before the config named its head: the training metadata says it.
+    document = json.loads((path / "config.json").read_text())
+    del document["model"]["head"]
+    document["metadata"]["head"] = "sed"
+    (path / "config.json").write_text(json.dumps(document))
+    assert load_tagger(path)[0].config.head == "sed"
+    with pytest.raises(ValueError, match="head must be one of"):
+        dataclasses.replace(SMALL_TAGGER, head="frames")

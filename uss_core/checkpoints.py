@@ -154,7 +154,10 @@ def load_tagger(path: str | Path, sound_event_detection: bool = False) -> tuple[
     if not path.is_dir():
         return load_panns(path, sound_event_detection), None
     document = read_checkpoint_document(path, TAGGER_FORMAT_NAME)
-    model = cls(from_dict(Cnn14Config, document["model"], where=f"{path}/{CONFIG_FILE}"))
+    fields = dict(document["model"])
+    # Taggers saved before the config named its head kept it in the training metadata.
+    fields.setdefault("head", document.get("metadata", {}).get("head", "clip"))
+    model = cls(from_dict(Cnn14Config, fields, where=f"{path}/{CONFIG_FILE}"))
     try:
         state = load_file(str(path / WEIGHTS_FILE))
     except Exception as exc:

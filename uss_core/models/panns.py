@@ -17,6 +17,9 @@ from uss_core.models.frontend import LogMelFilterBank, PowerSpectrogram
 from uss_core.models.init import init_bn, init_layer
 
 
+TAGGER_HEADS = ("clip", "sed")
+
+
 @dataclass(frozen=True)
 class Cnn14Config:
     """Architecture and front end of a Cnn14-family tagger.
@@ -37,11 +40,18 @@ class Cnn14Config:
     # PANNs' dropout (0.2 after each conv block, 0.5 in the head) while training; False trains the
     # small CPU presets several times faster on a few hundred clips. Inference is the same either way.
     dropout: bool = True
+    # The head the weights were trained with: "clip" (Cnn14's: pooled features -> fc1 -> sigmoid,
+    # PANNs' Cnn14) or "sed" (Cnn14_DecisionLevelMax's: the max over frames of frame-wise
+    # sigmoids). Both share one state dict, but probabilities are only right through the head that
+    # was trained, so a Cnn14 of "sed" weights takes its clip-level output the "sed" way.
+    head: str = "clip"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "conv_channels", tuple(int(c) for c in self.conv_channels))
         if len(self.conv_channels) < 2:
             raise ValueError("Cnn14Config.conv_channels needs at least two blocks")
+        if self.head not in TAGGER_HEADS:
+            raise ValueError(f"Cnn14Config.head must be one of {TAGGER_HEADS}, got {self.head!r}")
 
     @property
     def time_downsample_ratio(self) -> int:
@@ -104,18 +114,33 @@ class _Cnn14Trunk(nn.Module):
             x = F.dropout(x, p=0.2, training=self.training and self.config.dropout)
         return torch.mean(x, dim=3), frames
 
+    def segmentwise(self, features: torch.Tensor) -> torch.Tensor:
+        """The decision-level head: ``features`` ``(batch, channels, time)`` -> frame-wise
+        probabilities ``(batch, time, classes)`` at the trunk's time resolution."""
+        x = F.max_pool1d(features, kernel_size=3, stride=1, padding=1)
+        x = x + F.avg_pool1d(features, kernel_size=3, stride=1, padding=1)
+        x = F.dropout(x, p=0.5, training=self.training and self.config.dropout)
+        x = F.relu(self.fc1(x.transpose(1, 2)))
+        x = F.dropout(x, p=0.5, training=self.training and self.config.dropout)
+        return torch.sigmoid(self.fc_audioset(x))
+
 
 class Cnn14(_Cnn14Trunk):
     """Clip-level tagger. ``forward(waveform (batch, samples))`` returns
-    ``{"clipwise_output": (batch, classes), "embedding": (batch, embedding_size)}``."""
+    ``{"clipwise_output": (batch, classes), "embedding": (batch, embedding_size)}``; the
+    clip-level probabilities come through ``config.head`` (the head the weights were trained with)."""
 
     def forward(self, waveform: torch.Tensor) -> dict[str, torch.Tensor]:
-        x, _ = self.features(waveform)
-        x = torch.amax(x, dim=2) + torch.mean(x, dim=2)
+        features, _ = self.features(waveform)
+        x = torch.amax(features, dim=2) + torch.mean(features, dim=2)
         x = F.dropout(x, p=0.5, training=self.training and self.config.dropout)
         x = F.relu(self.fc1(x))
         embedding = F.dropout(x, p=0.5, training=self.training and self.config.dropout)
-        return {"clipwise_output": torch.sigmoid(self.fc_audioset(x)), "embedding": embedding}
+        if self.config.head == "sed":
+            clipwise = torch.amax(self.segmentwise(features), dim=1)
+        else:
+            clipwise = torch.sigmoid(self.fc_audioset(x))
+        return {"clipwise_output": clipwise, "embedding": embedding}
 
 
 class Cnn14DecisionLevelMax(_Cnn14Trunk):
@@ -125,11 +150,7 @@ class Cnn14DecisionLevelMax(_Cnn14Trunk):
 
     def forward(self, waveform: torch.Tensor) -> dict[str, torch.Tensor]:
         x, frames = self.features(waveform)
-        x = F.max_pool1d(x, kernel_size=3, stride=1, padding=1) + F.avg_pool1d(x, kernel_size=3, stride=1, padding=1)
-        x = F.dropout(x, p=0.5, training=self.training and self.config.dropout)
-        x = F.relu(self.fc1(x.transpose(1, 2)))
-        x = F.dropout(x, p=0.5, training=self.training and self.config.dropout)
-        segmentwise = torch.sigmoid(self.fc_audioset(x))  # (batch, time, classes)
+        segmentwise = self.segmentwise(x)  # (batch, time, classes)
         clipwise = torch.amax(segmentwise, dim=1)
         framewise = torch.repeat_interleave(segmentwise, self.config.time_downsample_ratio, dim=1)
         if framewise.shape[1] < frames:
