@@ -1,6 +1,6 @@
 """``uss demo``: the whole system end to end on the embedded demo corpus, on this machine.
 
-    uss demo                 # about 12.5 minutes on 2 idle CPU cores (measured; see README)
+    uss demo                 # 12.5 to 17 minutes on 2 CPU cores, depending on the machine (see README)
     uss demo --quick         # a smoke run of about 3 minutes (tiny corpus, a few steps)
 
 Stages, each the same job a user runs alone (same code, same MLflow run, same outputs):
