@@ -70,6 +70,7 @@ class DemoPaths:
             "tagger": "tagger-sed",
             "anchors": "anchors-max_area",
             "random_anchors": "anchors-random",
+            "anchor_scores": "anchor_accuracy.json",
             "mixtures": "mixtures",
             "eval_mixtures": "eval-mixtures",
             "true_source_eval": "eval-true-sources",
@@ -140,8 +141,6 @@ def _write_example(paths: DemoPaths, eval_fraction: float) -> Path:
 def run_demo(config: DemoConfig, root: Path) -> dict:
     """Run every stage into ``root``; returns the summary (also written to ``root/summary.json``)."""
     from jobs import anchor_accuracy, corpus, evaluate, ingest, mine, mix, separate_files, train, train_tagger
-    from pipelines.anchors import anchor_accuracy as score_anchors
-    from pipelines.schemas import SAMPLE_RATE, read_table
 
     paths = DemoPaths(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -172,15 +171,13 @@ def run_demo(config: DemoConfig, root: Path) -> dict:
             penalty = ["--other-label-penalty", config.other_label_penalty] if mode == "max_area" else []
             _job(mine.main, ["--clips", paths.clips, "--out", out, "--sed-tagger", paths.tagger,
                              "--condition-tagger", paths.tagger, "--mode", mode, "--seed", config.seed, *penalty])
-        _job(anchor_accuracy.main, ["--anchors", *[out for _, out in modes], "--events", paths.corpus / "events.parquet"])
-        columns = ["clip_id", "class_mid", "start_sample", "end_sample", "mode"]
-        import pyarrow as pa
-
-        scored = score_anchors(pa.concat_tables([read_table(out, columns=columns) for _, out in modes]),
-                               read_table(paths.corpus / "events.parquet"), SAMPLE_RATE)
-        summary["anchor_accuracy"] = {r.mode: round(r.accuracy, 4) for r in scored}
+        _job(anchor_accuracy.main, ["--anchors", *[out for _, out in modes], "--events",
+                                    paths.corpus / "events.parquet", "--json", paths.anchor_scores])
+        numbers = json.loads(paths.anchor_scores.read_text())
+        summary["anchor_accuracy"] = {mode: round(numbers[str(out)][mode]["accuracy"], 4) for mode, out in modes}
 
     stages.run("mine", "mining anchors (max-area; random for comparison) and scoring them", mine_all)
+
     def mix_all() -> None:
         _job(mix.main, ["--anchors", paths.anchors, "--out", paths.mixtures, "--seed", config.seed,
                         "--eval-out", paths.eval_mixtures, "--eval-per-class", config.eval_per_class,

@@ -62,10 +62,9 @@ from pipelines.schemas import list_column_to_arrays, list_parquet_files, resolve
 from pipelines.training_common import LR_SCHEDULES, ReportCallback, scheduled_lr, write_folder
 from uss_core.config import from_dict, to_dict
 from uss_core.errors import ConfigError
-from uss_core.models.panns import Cnn14Config
+from uss_core.models.panns import TAGGER_HEADS, Cnn14Config
 from uss_core.ontology import LabelSet
 
-HEADS = ("sed", "clip")
 BALANCE_MODES = ("rarest_label", "none")
 SHUFFLE_MODES = ("local", "global")
 EXPORT_MODES = ("best", "last")
@@ -141,7 +140,7 @@ class TaggerTrainingConfig:
 
     def __post_init__(self) -> None:
         checks = [
-            (self.head in HEADS, f"head must be one of {HEADS}, got {self.head!r}"),
+            (self.head in TAGGER_HEADS, f"head must be one of {TAGGER_HEADS}, got {self.head!r}"),
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
             (
                 self.max_steps_per_epoch is None or self.max_steps_per_epoch >= 1,
