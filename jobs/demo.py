@@ -1,6 +1,6 @@
 """``uss demo``: the whole system end to end on the embedded demo corpus, on this machine.
 
-    uss demo                 # 12.5 to 17 minutes on 2 CPU cores, depending on the machine (see README)
+    uss demo                 # about 9 minutes on 2 CPU cores, up to twice that on a slow day (see README)
     uss demo --quick         # a smoke run of about 3 minutes (tiny corpus, a few steps)
 
 Stages, each the same job a user runs alone (same code, same MLflow run, same outputs):
@@ -19,8 +19,9 @@ Stages, each the same job a user runs alone (same code, same MLflow run, same ou
 8. ``uss separate``: separate one held-out 10-s demo clip hierarchically (ontology levels 1-3).
 
 Everything goes under ``<workspace>/demo`` (``$USS_WORKSPACE``, default ``./workspace``) on a
-local Ray with the embedded MLflow store; ``summary.json`` there collects the figures, and the
-last lines printed say where every result is and how to open the MLflow UI. The stage settings
+local Ray with the embedded MLflow store; ``summary.json`` there collects the figures and
+``report.md`` the stage times and per-class tables; the last lines printed say where every result
+is and how to open the MLflow UI. The stage settings
 are the presets ``jobs/presets/demo.yaml`` and ``demo-quick.yaml``.
 """
 
@@ -193,13 +194,15 @@ def run_demo(config: DemoConfig, root: Path) -> dict:
         train_args += ["--steps", config.separator_steps]
     stages.run("train", "training the separator", lambda: _job(train.main, train_args))
 
+    results = {}
+
     def run_evaluation() -> None:
         for key, eval_set, out, title in (
             ("evaluation", paths.eval_mixtures, paths.evaluation, "targets: weak-label anchors (the paper's protocol)"),
             ("evaluation_true_sources", paths.true_source_eval, paths.true_source_evaluation,
              "targets: the true sources (the target class alone)"),
         ):
-            result = evaluate.evaluate(paths.separator, eval_set, out)
+            result = results[key] = evaluate.evaluate(paths.separator, eval_set, out)
             print(f"\n{title}\n{result.markdown()}", flush=True)
             summary[key] = {k: round(v, 3) for k, v in result.averages.items()}
             summary[f"{key}_pairs"] = result.num_pairs
@@ -216,7 +219,40 @@ def run_demo(config: DemoConfig, root: Path) -> dict:
     summary["stage_seconds"] = stages.seconds
     summary["total_seconds"] = round(time.perf_counter() - stages.started, 1)
     (root / "summary.json").write_text(json.dumps(summary, indent=2))
+    (root / "report.md").write_text(report_markdown(summary, results["evaluation"], results["evaluation_true_sources"]))
     return summary
+
+
+def report_markdown(summary: dict, weak, true_sources) -> str:
+    """The run as Markdown (what the README shows): seconds per stage, then one per-class table of
+    both evaluations (``weak``, ``true_sources``: ``jobs.evaluate.EvaluationResult``), medians per
+    class with the class averages last."""
+
+    def cell(value: float) -> str:
+        return "-" if value != value else f"{value:.2f}"  # NaN: no finite score
+
+    lines = ["| stage | seconds |", "| --- | ---: |"]
+    lines += [f"| {stage} | {seconds:.0f} |" for stage, seconds in summary["stage_seconds"].items()]
+    lines += [f"| **total** | **{summary['total_seconds']:.0f}** |", ""]
+    lines += [
+        "| class | name | weak: pairs | SDRi | IRM SDRi | true source: pairs | SDRi | SI-SDRi | IRM SDRi |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    weak_rows = {row.class_index: row for row in weak.classes}
+    true_rows = {row.class_index: row for row in true_sources.classes}
+    for index in sorted(weak_rows.keys() | true_rows.keys()):
+        w, t = weak_rows.get(index), true_rows.get(index)
+        name = (w or t).name.replace("|", "\\|")
+        weak_cells = [str(w.pairs), cell(w.sdri), cell(w.irm_sdri)] if w else ["0", "-", "-"]
+        true_cells = [str(t.pairs), cell(t.sdri), cell(t.si_sdri), cell(t.irm_sdri)] if t else ["0", "-", "-", "-"]
+        lines.append(f"| {index} | {name} | " + " | ".join(weak_cells + true_cells) + " |")
+    wa, ta = weak.averages, true_sources.averages
+    lines.append(
+        f"| | **class average** ({len(weak_rows)} / {len(true_rows)} classes) | {weak.num_pairs} | "
+        f"**{cell(wa['sdri'])}** | **{cell(wa['irm_sdri'])}** | {true_sources.num_pairs} | **{cell(ta['sdri'])}** | "
+        f"**{cell(ta['si_sdri'])}** | **{cell(ta['irm_sdri'])}** |"
+    )
+    return "\n".join(lines) + "\n"
 
 
 def _report(summary: dict, root: Path) -> str:
@@ -242,7 +278,7 @@ def _report(summary: dict, root: Path) -> str:
     lines += [
         f"  separated example: {summary.get('separated_example')}",
         f"  checkpoints: {root / 'tagger-sed'}, {root / 'separator'}",
-        f"  summary: {root / 'summary.json'}",
+        f"  summary: {root / 'summary.json'}, {root / 'report.md'}",
         f"  MLflow UI: mlflow ui --backend-store-uri {db}{artifacts}",
     ]
     return "\n".join(lines)

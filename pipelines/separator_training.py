@@ -64,7 +64,9 @@ import torch.nn as nn
 from pipelines.mixing import mix
 from pipelines.model_store import local_checkpoint
 from pipelines.schemas import absolute_uri, count_rows, list_column_to_numpy, list_parquet_files, read_table, resolve_filesystem
-from pipelines.training_common import LR_SCHEDULES, WARMUPS, ReportCallback, ray_storage, scheduled_lr, write_folder
+from pipelines.training_common import (
+    LR_SCHEDULES, WARMUPS, ReportCallback, bf16_autocast, ray_storage, scheduled_lr, write_folder,
+)
 from uss_core.config import from_dict, to_dict
 from uss_core.errors import ConfigError
 from uss_core.models.query_nets import CONDITION_TYPES, QueryNetConfig
@@ -466,9 +468,7 @@ def _train_loop(loop_config: dict) -> None:
         _TrainingForward(net), parallel_strategy_kwargs={"find_unused_parameters": True}
     )
     net.train()
-    autocast = (config.use_gpu and config.mixed_precision and device.type == "cuda") or (
-        config.cpu_bf16 and device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    )
+    autocast = bf16_autocast(device, config.use_gpu and config.mixed_precision, config.cpu_bf16)
     shard = ray.train.get_dataset_shard("train")
     rng = np.random.default_rng([config.seed, rank, step])  # a resumed run draws fresh pairings
     window = {"loss": 0.0, "batches": 0, "examples": 0, "started": time.monotonic()}

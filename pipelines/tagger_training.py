@@ -59,7 +59,7 @@ import pyarrow.fs as pafs
 from ray.train import DataConfig
 
 from pipelines.schemas import list_column_to_arrays, list_parquet_files, resolve_filesystem
-from pipelines.training_common import LR_SCHEDULES, ReportCallback, scheduled_lr, write_folder
+from pipelines.training_common import LR_SCHEDULES, ReportCallback, bf16_autocast, scheduled_lr, write_folder
 from uss_core.config import from_dict, to_dict
 from uss_core.errors import ConfigError
 from uss_core.models.panns import TAGGER_HEADS, Cnn14Config
@@ -108,7 +108,9 @@ class TaggerTrainingConfig:
     reserves: keep ``num_workers * cpus_per_worker`` below the cluster's CPUs so Ray Data keeps
     CPUs to read with (a 2-CPU machine hangs with 2 workers x 1 CPU). ``torch_threads``: intra-op
     threads per worker (None: as Ray sets them, one per reserved CPU, at least one). ``use_gpu``: one
-    GPU per worker (NCCL); ``cpus_per_worker`` then still applies.
+    GPU per worker (NCCL); ``cpus_per_worker`` then still applies. ``cpu_bf16``: the training
+    forward in bfloat16 autocast on CPU workers whose CPU computes bf16 natively (AVX-512 BF16 /
+    AMX; elsewhere fp32), the log-mel front end and validation still in fp32.
     ``clip_samples``: length every clip is cut or zero-padded to (None: the longest clip in the
     data). ``export``: which epoch's checkpoint the run exports -- ``"best"`` validation mAP or the
     ``"last"``.
@@ -126,6 +128,7 @@ class TaggerTrainingConfig:
     num_workers: int = 2
     cpus_per_worker: float = 0.5
     use_gpu: bool = False
+    cpu_bf16: bool = False
     torch_threads: int | None = None
     validation_fraction: float = 0.2
     seed: int = 0
@@ -546,6 +549,8 @@ def _train_loop(loop_config: dict) -> None:
     model = ray.train.torch.prepare_model(net)  # DDP (gloo) when world > 1
     net = model.module if hasattr(model, "module") else model
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    device = ray.train.torch.get_device()
+    autocast = bf16_autocast(device, False, config.cpu_bf16)
     train_shard = ray.train.get_dataset_shard("train")
     validation_shard = ray.train.get_dataset_shard("validation")
     step = 0
@@ -568,7 +573,9 @@ def _train_loop(loop_config: dict) -> None:
             lr = _lr_at(step, total_steps, config)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss = _bce(model(waveform)["clipwise_output"], target)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                probabilities = model(waveform)["clipwise_output"]
+            loss = _bce(probabilities.float(), target)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

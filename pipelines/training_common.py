@@ -5,7 +5,8 @@
 - :func:`ray_storage`: a local folder or ``s3://`` URI as Ray Train's ``storage_path`` and
   ``storage_filesystem``;
 - :func:`write_folder`: write a checkpoint folder to a local path or an ``s3://`` prefix;
-- :class:`ReportCallback`: prints each report of rank 0 and hands its metrics on (MLflow).
+- :class:`ReportCallback`: prints each report of rank 0 and hands its metrics on (MLflow);
+- :func:`bf16_autocast`: whether a worker trains under bfloat16 autocast.
 """
 
 from __future__ import annotations
@@ -58,6 +59,17 @@ def scheduled_lr(
         progress = min(1.0, (step - warmup_end) / span)
         return lr * 0.5 * (1.0 + math.cos(math.pi * progress))
     return lr
+
+
+def bf16_autocast(device: Any, gpu_mixed_precision: bool, cpu_bf16: bool) -> bool:
+    """Whether a training worker on ``device`` (a ``torch.device``) runs its forward in bfloat16
+    autocast: on a GPU if ``gpu_mixed_precision``; on a CPU if ``cpu_bf16`` and the CPU computes
+    bf16 natively (AVX-512 BF16 / AMX; elsewhere it is emulated, slower than fp32, so fp32 stays)."""
+    import torch
+
+    if device.type == "cuda":
+        return gpu_mixed_precision
+    return cpu_bf16 and device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def ray_storage(uri: str | os.PathLike, filesystem: Any = None) -> tuple[str, pafs.FileSystem | None]:
@@ -118,4 +130,4 @@ class ReportCallback(UserCallback):
                 print(f"[{self.job}] warning: report callback failed: {type(exc).__name__}: {exc}", flush=True)
 
 
-__all__ = ["LR_SCHEDULES", "ReportCallback", "WARMUPS", "ray_storage", "scheduled_lr", "write_folder"]
+__all__ = ["LR_SCHEDULES", "ReportCallback", "WARMUPS", "bf16_autocast", "ray_storage", "scheduled_lr", "write_folder"]

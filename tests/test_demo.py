@@ -32,6 +32,10 @@ def test_uss_demo_quick_runs_every_stage(tmp_path, audioset_dir):
         assert {"sdri", "si_sdri", "irm_sdri"} <= set(summary[key])
     assert 0.0 <= summary["anchor_accuracy"]["max_area"] <= 1.0
     assert (root / "evaluation-true-sources" / "classes.csv").is_file()
+    report = (root / "report.md").read_text()
+    assert "| train_tagger |" in report and "**total**" in report
+    assert f"{summary['evaluation_true_sources']['sdri']:.2f}**" in report  # the class average, both sets
+    assert f"{summary['evaluation']['sdri']:.2f}**" in report
     manifests = list(Path(summary["separated_example"]).glob("manifest.json"))
     assert manifests and "stems" in json.loads(manifests[0].read_text())
     assert (tmp_path / "mlflow.db").is_file()

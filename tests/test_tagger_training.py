@@ -261,7 +261,8 @@ def test_train_tagger_job_logs_to_mlflow(ray_local, tmp_path, monkeypatch):
     write_clips_folder(synthetic_clips(30, seed=2), lambda name, table: pq.write_table(table, folder / name))
     labels_csv = LABELS.to_csv(tmp_path / "labels.csv")
     preset = tmp_path / "tiny.yaml"
-    preset.write_text(yaml.safe_dump(to_dict(tiny_config(augment=AugmentConfig(), export="last"))))
+    # cpu_bf16: the bfloat16 training forward where the CPU has it (fp32 elsewhere), through Ray Train.
+    preset.write_text(yaml.safe_dump(to_dict(tiny_config(augment=AugmentConfig(), export="last", cpu_bf16=True))))
     out = tmp_path / "tagger-clip"
     code = job.main(
         [
@@ -279,11 +280,13 @@ def test_train_tagger_job_logs_to_mlflow(ray_local, tmp_path, monkeypatch):
     assert run.info.status == "FINISHED" and run.info.run_name == "tiny-clip"
     params = run.data.params
     assert params["head"] == "clip" and params["num_workers"] == "1" and params["data.clips_uri"] == str(folder)
+    assert params["cpu_bf16"] == "True"
     assert int(params["data.train_clips"]) + int(params["data.validation_clips"]) == 30
     assert params["data.num_classes"] == "3" and params["exported_epoch"] == "2"
     history = client.get_metric_history(run.info.run_id, "val_mAP")
     assert sorted(m.step for m in history) == [1, 2]
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1, 2]
+    losses = client.get_metric_history(run.info.run_id, "train_loss")
+    assert [m.step for m in losses] == [1, 2] and all(math.isfinite(m.value) and m.value > 0 for m in losses)
     assert run.data.metrics["final_val_mAP"] == pytest.approx(max(history, key=lambda m: m.step).value)
     names = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")}
     assert {"checkpoint/config.json", "checkpoint/model.safetensors"} <= names

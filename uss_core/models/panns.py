@@ -105,7 +105,10 @@ class _Cnn14Trunk(nn.Module):
 
     def features(self, waveform: torch.Tensor) -> tuple[torch.Tensor, int]:
         """``waveform (batch, samples)`` -> ``((batch, channels, time), frames)`` after the conv blocks."""
-        x = self.logmel_extractor(self.spectrogram_extractor(waveform))  # (batch, 1, frames, mel)
+        # The log-mel front end in fp32 even under autocast: bf16's 8-bit mantissa would blur the
+        # log of small powers, and inference (mining, tagging) computes it in fp32.
+        with torch.autocast(waveform.device.type, enabled=False):
+            x = self.logmel_extractor(self.spectrogram_extractor(waveform.float()))  # (batch, 1, frames, mel)
         frames = x.shape[2]
         x = self.bn0(x.transpose(1, 3)).transpose(1, 3)
         blocks = len(self.config.conv_channels)
