@@ -81,6 +81,18 @@ def time_ours(separator, audio_path: Path, out: Path, queries) -> float:
     return time.perf_counter() - t0
 
 
+def time_unet_pair(forward, repeats: int = 5) -> float:
+    """Median seconds of ``forward()``: one U-Net pass over one 2-s segment and condition."""
+    with torch.inference_mode():
+        forward()  # warm-up: oneDNN primitives, the fused path's prepared weights
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            forward()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 def stems_snr_db(reference_dir: Path, other_dir: Path) -> float:
     """SNR (dB) of every stem under ``other_dir`` against the same-named stem under ``reference_dir``."""
     signal = error = 0.0
@@ -160,6 +172,14 @@ def time_against_reference(args, ref, uss_path: Path, tagger_path: Path, work: P
     }
     results = {"input_seconds": args.seconds, "load_seconds": {"reference": ref_load, "ours": our_load}}
     print(f"model load: reference {ref_load:.2f} s, ours {our_load:.2f} s")
+    # The U-Net alone (fp32, one segment x condition pair): what both sides spend nearly all their time on.
+    segment, condition = 0.1 * torch.randn(1, 1, 64000), torch.rand(1, len(labels))
+    unet = {
+        "reference": time_unet_pair(lambda: lit.ss_model(input_dict={"mixture": segment, "condition": condition})),
+        "ours": time_unet_pair(lambda: loaded.model.ss_model(segment, condition)),
+    }
+    results["unet_seconds_per_pair"] = unet
+    print(f"U-Net, one 2-s segment x condition pair, fp32: reference {unet['reference']:.3f} s, ours {unet['ours']:.3f} s")
     cwd = os.getcwd()
     os.chdir(work)  # the reference's hierarchy path writes plots into the working directory
     try:

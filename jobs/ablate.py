@@ -8,9 +8,10 @@ type (``hard`` / ``at_soft`` / ``embedding`` / ``adaptive``), the anchor mining 
 ``random`` anchors, the random ones mixed by the same mixing stage) and the separator's depth.
 Every variant trains with the same steps and seed (``jobs.train``, remixing its anchors) and is
 scored on the same held-out evaluation pairs (``jobs.evaluate``; the max-area evaluation set of
-the demo), so the rows differ only by the axis. Writes ``<demo root>/ablation/ablation.md`` and
-``ablation.csv`` (class-averaged SDRi, SI-SDRi, the IRM ceiling, training time) and prints the
-table; every training and evaluation is an MLflow run of its own.
+the demo, with its weak-label targets and, where the demo wrote it, its true-source targets), so
+the rows differ only by the axis. Writes ``<demo root>/ablation/ablation.md`` and ``ablation.csv``
+(class-averaged SDRi, SI-SDRi and the IRM ceiling on both target sets, training time) and prints
+the table; every training and evaluation is an MLflow run of its own.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -64,7 +66,9 @@ class AblationConfig:
 
 
 COLUMNS = ("variant", "axis", "anchors", "condition_type", "separator_preset", "sdri", "si_sdri", "irm_sdri",
-           "pairs", "train_seconds")
+           "pairs", "true_source_sdri", "true_source_si_sdri", "true_source_irm_sdri", "true_source_pairs",
+           "train_seconds")
+TRUE_SOURCE_EVAL = "eval-true-sources"  # the demo's true-source evaluation set (uss corpus true-sources)
 
 
 def _run(module_main, argv: list) -> None:
@@ -115,24 +119,40 @@ def run_ablation(config: AblationConfig, root: Path) -> list[dict]:
         ])
         train_seconds = time.perf_counter() - started
         result = evaluate.evaluate(checkpoint, root / "eval-mixtures", out / f"evaluation-{slug}")
-        rows.append({
+        row = {
             "variant": variant.name, "axis": variant.axis, "anchors": variant.anchors,
             "condition_type": variant.condition_type, "separator_preset": variant.separator_preset,
             "sdri": result.averages["sdri"], "si_sdri": result.averages["si_sdri"],
             "irm_sdri": result.averages["irm_sdri"], "pairs": result.num_pairs, "train_seconds": train_seconds,
-        })
+            "true_source_sdri": math.nan, "true_source_si_sdri": math.nan, "true_source_irm_sdri": math.nan,
+            "true_source_pairs": 0,
+        }
+        if (root / TRUE_SOURCE_EVAL).exists():
+            true = evaluate.evaluate(checkpoint, root / TRUE_SOURCE_EVAL, out / f"evaluation-true-sources-{slug}")
+            row.update(true_source_sdri=true.averages["sdri"], true_source_si_sdri=true.averages["si_sdri"],
+                       true_source_irm_sdri=true.averages["irm_sdri"], true_source_pairs=true.num_pairs)
+        rows.append(row)
         write_table(rows, out, config.steps)  # after every variant: a cut-off run keeps what it measured
     return rows
 
 
 def table_markdown(rows: list[dict], steps: int) -> str:
+    """The rows as Markdown: both target sets' class-averaged scores (dB), "-" where not measured."""
+
+    def db(value: float) -> str:
+        return "-" if math.isnan(value) else f"{value:.2f}"
+
     lines = [
-        f"| variant | axis | SDRi (dB) | SI-SDRi (dB) | IRM SDRi (dB) | pairs | training ({steps} steps) |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+        "| variant | axis | weak: SDRi | SI-SDRi | IRM SDRi | pairs | true source: SDRi | SI-SDRi | IRM SDRi | pairs "
+        f"| training ({steps} steps) |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
-        lines.append(f"| {r['variant']} | {r['axis']} | {r['sdri']:.2f} | {r['si_sdri']:.2f} | {r['irm_sdri']:.2f} | "
-                     f"{r['pairs']} | {r['train_seconds']:.0f} s |")
+        lines.append(
+            f"| {r['variant']} | {r['axis']} | {db(r['sdri'])} | {db(r['si_sdri'])} | {db(r['irm_sdri'])} | {r['pairs']} "
+            f"| {db(r['true_source_sdri'])} | {db(r['true_source_si_sdri'])} | {db(r['true_source_irm_sdri'])} "
+            f"| {r['true_source_pairs']} | {r['train_seconds']:.0f} s |"
+        )
     return "\n".join(lines)
 
 

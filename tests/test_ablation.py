@@ -38,9 +38,17 @@ def test_bad_variants_and_missing_demo_data_are_user_errors(tmp_path):
 def test_table_is_written_as_markdown_and_csv(tmp_path):
     rows = [{"variant": "default (at_soft)", "axis": "baseline", "anchors": "max_area", "condition_type": "at_soft",
              "separator_preset": "separator-cpu-small", "sdri": 6.5, "si_sdri": 4.25, "irm_sdri": 12.0, "pairs": 10,
-             "train_seconds": 100.4}]
+             "train_seconds": 100.4, "true_source_sdri": 7.125, "true_source_si_sdri": 5.0, "true_source_irm_sdri": 13.0,
+             "true_source_pairs": 9},
+            {"variant": "random anchors", "axis": "anchor mining", "anchors": "random", "condition_type": "hard",
+             "separator_preset": "separator-cpu-small", "sdri": 3.0, "si_sdri": 1.0, "irm_sdri": 12.0, "pairs": 10,
+             "train_seconds": 99.0, "true_source_sdri": float("nan"), "true_source_si_sdri": float("nan"),
+             "true_source_irm_sdri": float("nan"), "true_source_pairs": 0}]
     ablate.write_table(rows, tmp_path, 300)
-    assert "| default (at_soft) | baseline | 6.50 | 4.25 | 12.00 | 10 | 100 s |" in (tmp_path / "ablation.md").read_text()
+    table = (tmp_path / "ablation.md").read_text()
+    assert "| default (at_soft) | baseline | 6.50 | 4.25 | 12.00 | 10 | 7.12 | 5.00 | 13.00 | 9 | 100 s |" in table
+    assert "| random anchors | anchor mining | 3.00 | 1.00 | 12.00 | 10 | - | - | - | 0 | 99 s |" in table
     with open(tmp_path / "ablation.csv", newline="") as f:
-        (row,) = list(csv.DictReader(f))
-    assert row["variant"] == "default (at_soft)" and float(row["sdri"]) == 6.5
+        first, second = list(csv.DictReader(f))
+    assert first["variant"] == "default (at_soft)" and float(first["sdri"]) == 6.5
+    assert float(first["true_source_sdri"]) == 7.125 and second["true_source_pairs"] == "0"
