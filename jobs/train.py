@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 
 from jobs.common import (
@@ -143,9 +144,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.register_as:
             version = register_checkpoint(run.info.run_id, "checkpoint", args.register_as)
     registered = f"; registered as models:/{version.name}/{version.version}" if version else ""
+    validation = "no validation set" if math.isnan(final["val_sdri"]) else f"validation SDRi {final['val_sdri']:.2f} dB"
     print(
-        f"[train] done in {result.wall_seconds:.0f} s at step {result.steps}: validation SDRi "
-        f"{final['val_sdri']:.2f} dB; checkpoint {result.checkpoint_uri}{registered}",
+        f"[train] done in {result.wall_seconds:.0f} s at step {result.steps}: {validation}; "
+        f"checkpoint {result.checkpoint_uri}{registered}",
         flush=True,
     )
     return 0
