@@ -138,9 +138,10 @@ def run_ablation(config: AblationConfig, root: Path) -> list[dict]:
 
 def table_markdown(rows: list[dict], steps: int) -> str:
     """The rows as Markdown: both target sets' class-averaged scores (dB), "-" where not measured."""
+    from pipelines.evaluation import format_db
 
     def db(value: float) -> str:
-        return "-" if math.isnan(value) else f"{value:.2f}"
+        return format_db(value, missing="-")
 
     lines = [
         "| variant | axis | weak: SDRi | SI-SDRi | IRM SDRi | pairs | true source: SDRi | SI-SDRi | IRM SDRi | pairs "

@@ -21,8 +21,8 @@ Stages, each the same job a user runs alone (same code, same MLflow run, same ou
 Everything goes under ``<workspace>/demo`` (``$USS_WORKSPACE``, default ``./workspace``) on a
 local Ray with the embedded MLflow store; ``summary.json`` there collects the figures and
 ``report.md`` the stage times and per-class tables; the last lines printed say where every result
-is and how to open the MLflow UI. The stage settings
-are the presets ``jobs/presets/demo.yaml`` and ``demo-quick.yaml``.
+is and how to open the MLflow UI. The stage settings are the presets ``jobs/presets/demo.yaml``
+and ``demo-quick.yaml``.
 """
 
 from __future__ import annotations
@@ -227,9 +227,10 @@ def report_markdown(summary: dict, weak, true_sources) -> str:
     """The run as Markdown (what the README shows): seconds per stage, then one per-class table of
     both evaluations (``weak``, ``true_sources``: ``jobs.evaluate.EvaluationResult``), medians per
     class with the class averages last."""
+    from pipelines.evaluation import format_db
 
     def cell(value: float) -> str:
-        return "-" if value != value else f"{value:.2f}"  # NaN: no finite score
+        return format_db(value, missing="-")
 
     lines = ["| stage | seconds |", "| --- | ---: |"]
     lines += [f"| {stage} | {seconds:.0f} |" for stage, seconds in summary["stage_seconds"].items()]

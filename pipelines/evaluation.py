@@ -476,12 +476,14 @@ def write_pair_table(results: PairResults, path: str | os.PathLike) -> Path:
     return Path(path)
 
 
+def format_db(value: float, missing: str = "n/a") -> str:
+    """A score in dB for a table: 2 decimals, ``missing`` for NaN (no finite score)."""
+    return missing if math.isnan(value) else f"{value:.2f}"
+
+
 def class_table_markdown(rows: list[ClassScores], averages: dict[str, float]) -> str:
     """The per-class table as Markdown, with a last row of class averages (dB, 2 decimals)."""
-
-    def cell(value: float) -> str:
-        return "n/a" if math.isnan(value) else f"{value:.2f}"
-
+    cell = format_db
     header = ["class", "name", "pairs", *(METRIC_TITLES[m] for m in CLASS_METRICS)]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|"]
     for row in rows:
