@@ -582,7 +582,7 @@ def _train_loop(loop_config: dict) -> None:
             loss_sum += torch.tensor([loss.item(), 1.0], dtype=torch.float64)  # .item() syncs a GPU
             step += 1
         if world > 1:
-            reduced = loss_sum.to(ray.train.torch.get_device())
+            reduced = loss_sum.to(device)
             dist.all_reduce(reduced)
             loss_sum = reduced.cpu()
         train_seconds = time.monotonic() - started
