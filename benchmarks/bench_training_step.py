@@ -27,6 +27,7 @@ import torch
 from jobs.common import preset_path
 from pipelines.separator_training import SeparatorTrainingConfig, separation_loss
 from pipelines.tagger_training import TaggerTrainingConfig
+from pipelines.training_common import bf16_autocast
 from uss_core.config import load_yaml
 from uss_core.models.panns import Cnn14DecisionLevelMax
 from uss_core.models.resunet import ResUNet
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=8, help="timed steps per model and precision")
     p.add_argument("--json", help="also write the figures to this file")
     args = p.parse_args(argv)
-    precisions = [False, True] if torch.ops.mkldnn._is_mkldnn_bf16_supported() else [False]
+    precisions = [False, True] if bf16_autocast(torch.device("cpu"), False, cpu_bf16=True) else [False]
     figures = []
     for name, preset, build in (("tagger", args.tagger_preset, tagger_step), ("separator", args.separator_preset, separator_step)):
         step, shape = build(preset)

@@ -483,20 +483,19 @@ def format_db(value: float, missing: str = "n/a") -> str:
 
 def class_table_markdown(rows: list[ClassScores], averages: dict[str, float]) -> str:
     """The per-class table as Markdown, with a last row of class averages (dB, 2 decimals)."""
-    cell = format_db
     header = ["class", "name", "pairs", *(METRIC_TITLES[m] for m in CLASS_METRICS)]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|"]
     for row in rows:
         name = row.name.replace("|", "\\|")
         lines.append(
             f"| {row.class_index} | {name} | {row.pairs} | "
-            + " | ".join(cell(getattr(row, m)) for m in CLASS_METRICS)
+            + " | ".join(format_db(getattr(row, m)) for m in CLASS_METRICS)
             + " |"
         )
     total = sum(row.pairs for row in rows)
     lines.append(
         f"| | **class average** ({len(rows)} classes) | {total} | "
-        + " | ".join(f"**{cell(averages[m])}**" for m in CLASS_METRICS)
+        + " | ".join(f"**{format_db(averages[m])}**" for m in CLASS_METRICS)
         + " |"
     )
     return "\n".join(lines)
