@@ -10,10 +10,12 @@ alternately ``--rounds`` times (timings on a shared machine drift) and the ratio
 
 Our side runs with the reference's chunking (2-s segments, no overlap) so both do the same
 separation work, in fp32 (the reference's numbers) and, where the CPU has native bf16, with
-``--precision bf16`` too (with the SNR of its stems against the fp32 ones); ``--also-defaults``
+``--precision bf16`` too (with the SNR of its stems against the fp32 ones), the row marked
+``= default`` being what ``uss separate`` runs here by default; ``--also-defaults``
 adds a row with our default overlap. Model loading is
 excluded on both sides (printed separately). Peak memory: ``uss separate`` on a generated
-``--memory-minutes`` long file in a subprocess, its peak resident memory (``VmHWM``, Linux).
+``--memory-minutes`` long file in a subprocess (default precision), its peak resident memory
+(``VmHWM``, Linux).
 
 Run: ``python -m benchmarks.bench_separate --metadata-dir ../shared/audioset``
 (needs the ``reference`` extra).
@@ -36,10 +38,13 @@ import soundfile
 import torch
 
 from benchmarks.reference_harness import import_reference, load_reference_models, write_reference_checkpoints
+from uss_core.separation import (
+    SeparationConfig, Separator, class_queries, hierarchy_queries, native_cpu_bf16, resolve_precision,
+)
 
 CLASS_IDS = [0, 137, 300]  # Speech, Music, Vehicle
 # bf16 is only faster with native support (AVX-512 BF16 / AMX); elsewhere it is emulated, slowly.
-DEFAULT_PRECISIONS = ["fp32", "bf16"] if torch.ops.mkldnn._is_mkldnn_bf16_supported() else ["fp32"]
+DEFAULT_PRECISIONS = ["fp32", "bf16"] if native_cpu_bf16() else ["fp32"]
 
 
 def make_input(path: Path, seconds: float, seed: int = 0) -> None:
@@ -132,15 +137,16 @@ def peak_memory_gb(checkpoint: Path, tagger: Path, audio_path: Path, out: Path, 
 
 
 def chunked_label(precision: str) -> str:
-    """Name of our run with the reference's chunking at ``precision``."""
-    return f"2s/no overlap, {precision}"
+    """Name of our run with the reference's chunking at ``precision`` (marked if it is the default
+    here, what ``--precision auto`` resolves to on this CPU)."""
+    default = resolve_precision("auto", torch.device("cpu"))
+    return f"2s/no overlap, {precision}{' = default' if precision == default else ''}"
 
 
 def time_against_reference(args, ref, uss_path: Path, tagger_path: Path, work: Path) -> dict:
     """Both cases, ``args.rounds`` alternating rounds each; returns the figures (also printed)."""
     from uss_core.checkpoints import load_model
     from uss_core.ontology import load_label_set, load_ontology
-    from uss_core.separation import SeparationConfig, Separator, class_queries, hierarchy_queries
 
     audio_path = work / "input.wav"
     make_input(audio_path, args.seconds)
@@ -174,12 +180,19 @@ def time_against_reference(args, ref, uss_path: Path, tagger_path: Path, work: P
     print(f"model load: reference {ref_load:.2f} s, ours {our_load:.2f} s")
     # The U-Net alone (fp32, one segment x condition pair): what both sides spend nearly all their time on.
     segment, condition = 0.1 * torch.randn(1, 1, 64000), torch.rand(1, len(labels))
+    net = loaded.model.ss_model
     unet = {
         "reference": time_unet_pair(lambda: lit.ss_model(input_dict={"mixture": segment, "condition": condition})),
-        "ours": time_unet_pair(lambda: loaded.model.ss_model(segment, condition)),
+        "ours": time_unet_pair(lambda: net(segment, condition)),
     }
-    results["unet_seconds_per_pair"] = unet
     print(f"U-Net, one 2-s segment x condition pair, fp32: reference {unet['reference']:.3f} s, ours {unet['ours']:.3f} s")
+    if "bf16" in args.precision:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            unet["ours_bf16"] = time_unet_pair(lambda: net(segment, condition))
+            # What ResUNet.forward replaces with its fused bf16 path: autocast op by op.
+            unet["ours_bf16_op_by_op"] = time_unet_pair(lambda: net.base(segment, net.film(condition)))
+        print(f"U-Net pair, bf16: ours {unet['ours_bf16']:.3f} s (op-by-op autocast: {unet['ours_bf16_op_by_op']:.3f} s)")
+    results["unet_seconds_per_pair"] = unet
     cwd = os.getcwd()
     os.chdir(work)  # the reference's hierarchy path writes plots into the working directory
     try:
@@ -232,7 +245,9 @@ def main(argv=None) -> int:
         make_input(long_path, args.memory_minutes * 60)
         peak, wall = peak_memory_gb(uss_path, tagger_path, long_path, work / "long-out", args.metadata_dir)
         results["peak_memory"] = {"minutes": args.memory_minutes, "peak_rss_gb": peak, "wall_seconds": wall}
-        print(f"peak memory, {args.memory_minutes:g}-min input: {peak:.2f} GB (ran {wall:.0f} s)")
+        precision = resolve_precision("auto", torch.device("cpu"))
+        results["peak_memory"]["precision"] = precision
+        print(f"peak memory, {args.memory_minutes:g}-min input, {precision}: {peak:.2f} GB (ran {wall:.0f} s)")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0

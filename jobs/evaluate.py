@@ -34,6 +34,7 @@ from pipelines.evaluation import (
     summarise,
     write_report,
 )
+from uss_core.separation import PRECISIONS
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,8 @@ class EvaluateJobConfig:
     device: str = "auto"
     conditions: str = "auto"
     metadata_dir: str | None = None  # AudioSet label set for an official USS .ckpt (which has none)
+    # fp32 by default, unlike `uss separate`: scores should not depend on the machine's CPU.
+    precision: str = "fp32"
 
 
 @dataclass
@@ -84,6 +87,7 @@ def evaluate(
     device: str = "auto",
     conditions: str = "auto",
     metadata_dir: str | None = None,
+    precision: str = "fp32",
     filesystem: Any = None,
     track: bool = True,
 ) -> EvaluationResult:
@@ -96,6 +100,8 @@ def evaluate(
         device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
         conditions: ``auto`` (the set's precomputed conditions if it has them, else the query net),
             ``dataset`` or ``query-net`` (the model's query net on each target, as the reference).
+        precision: the U-Net's arithmetic (:func:`uss_core.separation.resolve_precision`); compare
+            ``fp32`` with ``bf16`` to see what faster arithmetic costs a model.
         filesystem: pyarrow or fsspec filesystem for ``s3://`` URIs (default: from the environment).
     """
     from pipelines.model_store import local_checkpoint
@@ -103,7 +109,9 @@ def evaluate(
     from uss_core.separation import SeparationConfig, Separator
 
     checkpoint_uri, eval_uri = str(checkpoint_uri), str(eval_uri)
-    config = EvaluateJobConfig(checkpoint_uri, eval_uri, str(out_dir), batch_size, device, conditions, metadata_dir)
+    config = EvaluateJobConfig(
+        checkpoint_uri, eval_uri, str(out_dir), batch_size, device, conditions, metadata_dir, precision
+    )
     started = time.perf_counter()
     path, downloaded = local_checkpoint(checkpoint_uri, filesystem)
     try:
@@ -112,9 +120,10 @@ def evaluate(
         if downloaded is not None:
             downloaded.cleanup()
     # The Separator prepares the model for inference on the device (eval mode, CPU memory layout).
-    model = Separator(loaded, SeparationConfig(batch_size=batch_size, device=device)).model
+    separator = Separator(loaded, SeparationConfig(batch_size=batch_size, device=device, precision=precision))
+    model = separator.model
     evaluation_set = open_evaluation_set(eval_uri, loaded.labels, filesystem)
-    results = score_evaluation_set(model, evaluation_set, conditions, batch_size)
+    results = score_evaluation_set(model, evaluation_set, conditions, batch_size, separator.precision)
     source = results.condition_source
     classes, averages = summarise(results, loaded.labels)
     seconds = time.perf_counter() - started
@@ -126,6 +135,7 @@ def evaluate(
         "classes": len(classes),
         "seconds": round(seconds, 3),
         "device": str(next(model.parameters()).device),
+        "precision": separator.precision,
     }
     title = f"{Path(checkpoint_uri.rstrip('/')).name} on {Path(eval_uri.rstrip('/')).name}"
     paths = write_report(out_dir, results, classes, averages, summary, title)
@@ -162,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
         "(query-net), or dataset when the set has them (auto, the default)",
     )
     p.add_argument("--metadata-dir", help="AudioSet metadata folder (label set of an official USS .ckpt)")
+    p.add_argument("--precision", choices=PRECISIONS, default=d.precision,
+                   help="U-Net arithmetic, as `uss separate --precision` (default %(default)s: machine-independent scores)")
     return p
 
 
@@ -171,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     out = args.out or str(workspace_dir() / "evaluation" / time.strftime("%Y%m%d-%H%M%S"))
     result = evaluate(
-        args.checkpoint, args.eval, out, args.batch_size, args.device, args.conditions, args.metadata_dir
+        args.checkpoint, args.eval, out, args.batch_size, args.device, args.conditions, args.metadata_dir, args.precision
     )
     print(result.markdown())
     print(

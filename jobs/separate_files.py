@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--activity-threshold", type=float, default=SeparationConfig.activity_threshold)
     s.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     s.add_argument("--precision", choices=PRECISIONS, default=SeparationConfig.precision,
-                   help="U-Net arithmetic: fp32 (exact), bf16 (faster on CPUs with AVX-512 BF16 and on GPUs), fp16 (GPU)")
+                   help="U-Net arithmetic: fp32 (exact, the reference's numbers), bf16 (faster on CPUs with AVX-512 BF16 or AMX "
+                        "and on GPUs), fp16 (GPU), auto (the default: bf16 on a CPU with native bf16, else fp32)")
     s.add_argument("--format", choices=("wav", "flac"), default="wav")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -188,7 +189,7 @@ def separate_file(
             "batch_size": separator.config.batch_size,
             "activity_threshold": separator.config.activity_threshold,
             "device": str(separator.device),
-            "precision": separator.config.precision,
+            "precision": separator.precision,
             "segments": result.num_segments,
             "segment_start_seconds": [i * hop_seconds for i in range(result.num_segments)],
         },
@@ -261,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"model {loaded.source} ({loaded.model.config.query_net.condition_type}, "
             f"{len(loaded.labels)} classes) loaded in {time.perf_counter() - t0:.1f} s; "
-            f"{len(queries)} queries, {len(files)} input(s)",
+            f"{len(queries)} queries, {len(files)} input(s); U-Net on {separator.device} in {separator.precision}",
             file=sys.stderr,
         )
     out_root = Path(args.output_dir)

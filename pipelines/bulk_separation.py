@@ -230,14 +230,15 @@ class BulkSeparationConfig:
     Separation: ``segment_seconds`` (None: the model's training length), ``overlap``,
     ``batch_size`` (segment x query pairs per U-Net forward), ``activity_threshold``,
     ``device`` (None: ``cuda`` with GPU actors, else ``cpu``), ``precision`` (the U-Net's
-    arithmetic: fp32, bf16 or fp16; see :class:`~uss_core.separation.SeparationConfig`). Inputs: ``max_input_seconds``
+    arithmetic: auto, fp32, bf16 or fp16; ``auto`` is resolved on each actor's machine, see
+    :func:`~uss_core.separation.resolve_precision`). Inputs: ``max_input_seconds``
     (longer ones are rejected as ``too_long``), ``silence_peak`` (inputs whose peak is at most
     this are ``silent``). Ray: ``actors`` (pool size), ``cpus_per_actor``, ``gpus_per_actor``
     (fractional allowed), ``torch_threads`` (per actor), ``files_per_task`` (inputs per actor
     call; 1 balances long files best), ``memory_per_actor_gb`` (GiB of memory Ray reserves
     per actor when placing actors: None reserves none; set it to pack nodes without running out
     of memory: a ResUNet30 + Cnn14 actor with 3 queries and batches of 4 peaked at 2.2 GB
-    resident here), ``scratch_dir`` (local scratch for stems before upload; default: the system temp
+    resident here in fp32, 1.4 GB in bf16), ``scratch_dir`` (local scratch for stems before upload; default: the system temp
     folder).
     """
 

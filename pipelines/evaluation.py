@@ -350,11 +350,12 @@ class PairResults:
 
 
 def score_batch(
-    model: SeparatorModel, batch: PairBatch, condition_source: str, batch_size: int
+    model: SeparatorModel, batch: PairBatch, condition_source: str, batch_size: int, precision: str = "fp32"
 ) -> dict[str, np.ndarray]:
     """Separate one :class:`PairBatch` and score it and its IRM oracle (:data:`PAIR_METRICS`).
 
-    ``condition_source``: ``dataset`` (the batch's precomputed conditions) or ``query-net``.
+    ``condition_source``: ``dataset`` (the batch's precomputed conditions) or ``query-net``;
+    ``precision``: the U-Net's arithmetic (:func:`uss_core.separation.resolve_precision`).
     """
     if condition_source == "dataset":
         try:
@@ -366,7 +367,7 @@ def score_batch(
     else:
         conditions = pair_conditions(model, batch.class_indexes, targets=batch.targets, batch_size=batch_size)
     device = next(model.parameters()).device
-    estimates = separate_pairs(model, batch.mixtures, conditions, batch_size=batch_size, device=device)
+    estimates = separate_pairs(model, batch.mixtures, conditions, batch_size=batch_size, device=device, precision=precision)
     stft = model.config.separator
     oracle = ideal_ratio_mask(batch.mixtures, batch.targets, n_fft=stft.n_fft, hop_length=stft.hop_length)
     scores = pair_scores(estimates, batch.targets, batch.mixtures)
@@ -376,7 +377,11 @@ def score_batch(
 
 
 def score_evaluation_set(
-    model: SeparatorModel, evaluation_set: EvaluationSet, condition_source: str = "auto", batch_size: int = 8
+    model: SeparatorModel,
+    evaluation_set: EvaluationSet,
+    condition_source: str = "auto",
+    batch_size: int = 8,
+    precision: str = "fp32",
 ) -> PairResults:
     """Score every pair of ``evaluation_set`` (model on its own device, see :func:`score_batch`).
 
@@ -387,7 +392,7 @@ def score_evaluation_set(
     class_indexes: list[np.ndarray] = []
     scores: dict[str, list[np.ndarray]] = {name: [] for name in PAIR_METRICS}
     for batch in evaluation_set.batches(16 * batch_size):
-        batch_scores = score_batch(model, batch, source, batch_size)
+        batch_scores = score_batch(model, batch, source, batch_size, precision)
         pair_ids += batch.pair_ids
         class_indexes.append(batch.class_indexes)
         for name in PAIR_METRICS:

@@ -65,11 +65,11 @@ def bf16_autocast(device: Any, gpu_mixed_precision: bool, cpu_bf16: bool) -> boo
     """Whether a training worker on ``device`` (a ``torch.device``) runs its forward in bfloat16
     autocast: on a GPU if ``gpu_mixed_precision``; on a CPU if ``cpu_bf16`` and the CPU computes
     bf16 natively (AVX-512 BF16 / AMX; elsewhere it is emulated, slower than fp32, so fp32 stays)."""
-    import torch
+    from uss_core.separation import native_cpu_bf16
 
     if device.type == "cuda":
         return gpu_mixed_precision
-    return cpu_bf16 and device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return cpu_bf16 and device.type == "cpu" and native_cpu_bf16()
 
 
 def ray_storage(uri: str | os.PathLike, filesystem: Any = None) -> tuple[str, pafs.FileSystem | None]:

@@ -181,6 +181,9 @@ def test_separate_pairs_matches_the_model_in_eval_mode_and_leaves_training_state
         expected = model.ss_model(torch.from_numpy(mixtures)[:, None], torch.from_numpy(conditions))[:, 0].numpy()
     assert estimates.shape == mixtures.shape
     np.testing.assert_allclose(estimates, expected, atol=1e-5)
+    bf16 = separate_pairs(model, mixtures, conditions, batch_size=2, precision="bf16")
+    assert not np.array_equal(bf16, estimates)  # autocast really ran
+    assert 10 * np.log10(np.sum(estimates**2) / np.sum((bf16 - estimates) ** 2)) > 25
     with pytest.raises(ConfigError, match="conditions has shape"):
         separate_pairs(model, mixtures, conditions[:2])
 
@@ -267,6 +270,7 @@ def test_evaluate_job_writes_the_report_and_logs_mlflow_metrics(
 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["pairs"] == 6 and summary["classes"] == 3 and summary["conditions"] == "dataset"
+    assert summary["precision"] == "fp32"  # the default: scores that do not depend on the CPU
     averages = summary["class_average"]
     assert averages["sdri"] == pytest.approx(np.mean([c.sdri for c in classes]), abs=1e-6)
     assert (out / "sdri_per_class.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -270,6 +270,33 @@ def test_fused_cpu_inference_equals_the_eager_path(monkeypatch):
     assert torch.allclose(fast2, eager2, atol=1e-5)
 
 
+def test_bf16_autocast_inference_runs_the_fused_path_in_bf16(monkeypatch):
+    import uss_core.models.resunet as r
+
+    model = ResUNet(ResUNetConfig(condition_size=7, encoder_channels=(8, 16, r.WINOGRAD_MIN_CHANNELS)))
+    model.eval().to(memory_format=torch.channels_last)
+    x, c = 0.1 * torch.randn(2, 1, 16000), torch.rand(2, 7)
+    dtypes = []
+    fused = r.ConvBlockRes._forward_fused
+    monkeypatch.setattr(r.ConvBlockRes, "_forward_fused", lambda self, h, film: dtypes.append(h.dtype) or fused(self, h, film))
+    with torch.inference_mode():
+        fp32 = model(x, c)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16 = model(x, c)
+            plain = model.base(x, model.film(c))  # op-by-op autocast, what ResUNet.forward replaces
+        again = model(x, c)  # back to fp32: the weights prepared for bf16 are not reused
+    blocks = len([m for m in model.modules() if isinstance(m, r.ConvBlockRes)])
+    per_forward = 2 * blocks  # every block once per row
+    assert dtypes == [torch.float32] * per_forward + [torch.bfloat16] * per_forward + [torch.float32] * per_forward
+    assert bf16.dtype == torch.float32 and not torch.equal(bf16, fp32)
+
+    def snr_db(y):
+        return float(10 * torch.log10((fp32**2).sum() / ((y.float() - fp32) ** 2).sum()))
+
+    assert snr_db(bf16) > 30 and snr_db(bf16) > snr_db(plain) - 3  # as close to fp32 as autocast
+    assert torch.equal(again, fp32)
+
+
 def test_a_cnn14_of_sed_weights_tags_through_the_sed_head(tmp_path):
     """A tagger trained with the decision-level head, loaded as a clip-level Cnn14 (conditions,
     segment activity), gives the probabilities of the head it was trained with."""

@@ -111,7 +111,8 @@ def test_official_checkpoint_imports_with_inferred_config(reference_files, audio
 
 
 def test_uss_separate_class_ids_matches_reference(ref, reference_files, audioset_dir, tmp_path):
-    """`uss separate --class-id A+B+C --segment-seconds 2 --overlap 0` == the reference's class-id path."""
+    """`uss separate --class-id A+B+C --segment-seconds 2 --overlap 0 --precision fp32` == the
+    reference's class-id path (the default precision is bf16 on CPUs that have it)."""
     import librosa
 
     from jobs.cli import main
@@ -129,7 +130,7 @@ def test_uss_separate_class_ids_matches_reference(ref, reference_files, audioset
         "separate", str(reference_files / "input.wav"), "-o", str(tmp_path / "ours"),
         "--checkpoint", str(reference_files / "uss.ckpt"), "--tagger-checkpoint", str(reference_files / "tagger.pth"),
         "--metadata-dir", str(audioset_dir), "--class-id", "+".join(map(str, class_ids)),
-        "--segment-seconds", "2", "--overlap", "0", "--device", "cpu", "--quiet",
+        "--segment-seconds", "2", "--overlap", "0", "--device", "cpu", "--precision", "fp32", "--quiet",
     ])
     assert code == 0
     out_dir = tmp_path / "ours" / "input"

@@ -6,6 +6,7 @@ import torch
 
 from uss_core.checkpoints import LoadedModel
 from uss_core.errors import ConfigError
+from uss_core import separation
 from uss_core.separation import (
     OverlapAdd,
     Query,
@@ -13,6 +14,8 @@ from uss_core.separation import (
     SeparationConfig,
     Separator,
     iter_segments,
+    native_cpu_bf16,
+    resolve_precision,
     separate_stream,
 )
 from tests.test_models import five_labels, small_model
@@ -179,6 +182,19 @@ def test_bf16_separation_stays_close_to_fp32():
     assert not np.array_equal(reference, approx)  # autocast really ran in bf16
     snr_db = 10 * np.log10(np.sum(reference**2) / np.sum((approx - reference) ** 2))
     assert snr_db > 30
+
+
+def test_auto_precision_is_bf16_only_on_a_cpu_with_native_bf16(monkeypatch):
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert resolve_precision("auto", cpu) == ("bf16" if native_cpu_bf16() else "fp32")
+    assert resolve_precision("auto", gpu) == "fp32"
+    assert [resolve_precision(p, cpu) for p in ("fp32", "bf16", "fp16")] == ["fp32", "bf16", "fp16"]
+    with pytest.raises(ConfigError, match="precision"):
+        resolve_precision("int8", cpu)
+    monkeypatch.setattr(separation, "native_cpu_bf16", lambda: False)  # a CPU without bf16
+    assert resolve_precision("auto", cpu) == "fp32"
+    sep = Separator(LoadedModel(small_model("at_soft"), five_labels(), "test", "uss-at-scale"), SeparationConfig(device="cpu"))
+    assert sep.config.precision == "auto" and sep.precision == "fp32"
 
 
 def test_fp16_needs_a_gpu():

@@ -22,6 +22,7 @@ from uss_core.checkpoints import SeparatorModel
 from uss_core.errors import ConfigError
 from uss_core.metrics import sdr, sdri, si_sdr, si_sdri
 from uss_core.models.frontend import InverseStft, Stft
+from uss_core.separation import precision_autocast, resolve_precision
 
 
 @contextlib.contextmanager
@@ -127,8 +128,10 @@ def separate_pairs(
     conditions: np.ndarray,
     batch_size: int = 8,
     device: str | torch.device = "cpu",
+    precision: str = "fp32",
 ) -> np.ndarray:
-    """Separate each mixture with its condition, in batches, in eval mode without autograd.
+    """Separate each mixture with its condition, in batches, in eval mode without autograd, the
+    U-Net in ``precision`` (:func:`uss_core.separation.resolve_precision`).
 
     The model's training mode (every submodule's) is restored afterwards, so training can call this
     for validation. The model must already be on ``device``.
@@ -146,8 +149,9 @@ def separate_pairs(
     device = torch.device(device)
     if _model_device(model).type != device.type:
         raise ConfigError(f"the model is on {_model_device(model)}, not on the requested device {device}")
+    autocast = precision_autocast(resolve_precision(precision, device), device)
     estimates = np.empty_like(mixtures)
-    with _inference(model):
+    with _inference(model), autocast:
         for lo in range(0, len(mixtures), batch_size):
             hi = lo + batch_size
             mixture = torch.from_numpy(mixtures[lo:hi]).to(device).unsqueeze(1)

@@ -13,13 +13,15 @@ log magnitude (quiet bins matter as much as loud ones). With them (and the rest 
 ``separator-cpu-small`` recipe) the demo's small net reaches 4.18 dB SDRi in 300 steps against
 3.47 dB trained the reference's way (README, the ablation table).
 
-CPU inference (eval mode, fp32, no autograd) takes a fused path with the same results within
+CPU inference (eval mode, no autograd) takes a fused path with the same results within
 float rounding: the batch runs row by row, so each FiLM bias is a per-channel constant that
 folds, with the following batch norm, into the convolution before it; each residual block is
-then two oneDNN convolutions with their bias, leaky ReLU and residual add fused in, and the
+then two oneDNN convolutions with their bias, leaky ReLU and residual add fused in. In fp32 the
 wide blocks (>= ``WINOGRAD_MIN_CHANNELS`` channels) convolve by Winograd's F(4x4, 3x3)
-(:mod:`uss_core.models.winograd`), a quarter of the multiply-adds. Training, GPUs and autocast
-keep the plain path.
+(:mod:`uss_core.models.winograd`), a quarter of the multiply-adds. Under bfloat16 autocast the
+same path runs with bf16 activations and weights between the first and last 1x1 convolutions
+(the STFT, FiLM and masks stay fp32): autocast's arithmetic without its per-layer casts and
+separate normalisation passes. Training, GPUs and other autocast types keep the plain path.
 """
 
 from __future__ import annotations
@@ -83,25 +85,42 @@ _CONV_FUSED = getattr(torch.ops.mkldnn, "_convolution_pointwise", None) if torch
 
 
 def fused_cpu_inference(x: torch.Tensor) -> bool:
-    """Whether the U-Net can run its fused CPU inference path on ``x``: fp32 on a CPU with oneDNN,
-    no autograd, no autocast. The caller also checks its module is in eval mode."""
+    """Whether the U-Net can run its fused CPU inference path on ``x``: fp32 (or the bf16
+    activations of :func:`fused_bf16_inference`) on a CPU with oneDNN, no autograd, no autocast.
+    The caller also checks its module is in eval mode."""
     return (
         _CONV_FUSED is not None
         and x.device.type == "cpu"
-        and x.dtype == torch.float32
+        and x.dtype in (torch.float32, torch.bfloat16)
         and not torch.is_grad_enabled()
         and not torch.is_autocast_enabled("cpu")
     )
 
 
-class FusedConv3x3:
-    """A 3x3, stride-1, padding-1 convolution prepared for the fused CPU path: by Winograd where
-    both channel counts reach ``WINOGRAD_MIN_CHANNELS``, else oneDNN with its post-ops fused."""
+def fused_bf16_inference(x: torch.Tensor) -> bool:
+    """Whether a forward on ``x`` is CPU inference under bfloat16 autocast that the fused path can
+    run instead, in bf16 (oneDNN present, no autograd). The caller also checks eval mode."""
+    return (
+        _CONV_FUSED is not None
+        and x.device.type == "cpu"
+        and not torch.is_grad_enabled()
+        and torch.is_autocast_enabled("cpu")
+        and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    )
 
-    def __init__(self, weight: torch.Tensor) -> None:
+
+class FusedConv3x3:
+    """A 3x3, stride-1, padding-1 convolution prepared for the fused CPU path on ``dtype``
+    activations: in fp32 by Winograd where both channel counts reach ``WINOGRAD_MIN_CHANNELS``,
+    else (and always in bf16, where oneDNN's AMX kernels beat it) oneDNN with its post-ops fused."""
+
+    def __init__(self, weight: torch.Tensor, dtype: torch.dtype) -> None:
         out_channels, in_channels = weight.shape[:2]
-        self.winograd = min(in_channels, out_channels) >= WINOGRAD_MIN_CHANNELS
-        self.weight = winograd_weight(weight) if self.winograd else weight.contiguous(memory_format=torch.channels_last)
+        self.winograd = dtype == torch.float32 and min(in_channels, out_channels) >= WINOGRAD_MIN_CHANNELS
+        if self.winograd:
+            self.weight = winograd_weight(weight)
+        else:
+            self.weight = weight.to(dtype).contiguous(memory_format=torch.channels_last)
 
     def __call__(
         self, x: torch.Tensor, bias: torch.Tensor | None = None, leaky_relu: bool = False, residual: torch.Tensor | None = None
@@ -154,14 +173,15 @@ def norm_film_act(bn: nn.BatchNorm2d, x: torch.Tensor, beta: torch.Tensor) -> to
 def pointwise_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """A 1x1 convolution as a matmul over channels, returning a channels-last tensor.
 
-    Same result as ``conv(x)``; oneDNN is slow on 1x1 convolutions with one input channel.
+    Same result as ``conv(x)``, in ``x``'s dtype; oneDNN is slow on 1x1 convolutions with one
+    input channel.
     """
-    weight = conv.weight[:, :, 0, 0]
+    weight, bias = conv.weight[:, :, 0, 0].to(x.dtype), conv.bias.to(x.dtype)
     x = x.permute(0, 2, 3, 1)
     if weight.shape[1] == 1:  # an outer product: a broadcast multiply-add beats a K=1 matmul
-        y = torch.addcmul(conv.bias, x, weight[:, 0])
+        y = torch.addcmul(bias, x, weight[:, 0])
     else:
-        y = F.linear(x, weight, conv.bias)
+        y = F.linear(x, weight, bias)
     return y.permute(0, 3, 1, 2)
 
 
@@ -170,11 +190,11 @@ def transposed_upsample(conv: nn.ConvTranspose2d, x: torch.Tensor) -> torch.Tens
 
     ``x: (batch, in, time, freq) -> (batch, out, time * kt, freq * kf)``, same result as
     ``conv(x)`` (the kernels do not overlap, so each input pixel expands to one output block),
-    several times faster on CPU, channels-last out.
+    several times faster on CPU, channels-last out, in ``x``'s dtype.
     """
     in_channels, out_channels, kt, kf = conv.weight.shape
     batch, _, time, freq = x.shape
-    weight = conv.weight.reshape(in_channels, out_channels * kt * kf).t()
+    weight = conv.weight.reshape(in_channels, out_channels * kt * kf).t().to(x.dtype)
     y = F.linear(x.permute(0, 2, 3, 1), weight)  # (batch, time, freq, out * kt * kf)
     y = y.reshape(batch, time, freq, out_channels, kt, kf).permute(0, 1, 4, 2, 5, 3)
     return y.reshape(batch, time * kt, freq * kf, out_channels).permute(0, 3, 1, 2)
@@ -216,7 +236,7 @@ class ConvBlockRes(nn.Module):
         ReLU folded in (for one row the bias is a per-channel constant), conv2 with the shortcut
         added, each one oneDNN call (Winograd in the wide blocks). Same result within float
         rounding."""
-        conv1, shift, conv2 = self._fused_weights()
+        conv1, shift, conv2 = self._fused_weights(x.dtype)
         a = norm_film_act(self.bn1, x, film["beta1"])
         h = conv1(a, bias=shift + film["beta2"].flatten(), leaky_relu=True)
         return conv2(h, residual=pointwise_conv(self.shortcut, x) if self.shortcut is not None else x)
@@ -225,16 +245,17 @@ class ConvBlockRes(nn.Module):
         self._fused = None  # eval() after editing weights through .data (no version bump) refreshes them
         return super().train(mode)
 
-    def _fused_weights(self) -> tuple["FusedConv3x3", torch.Tensor, "FusedConv3x3"]:
+    def _fused_weights(self, dtype: torch.dtype) -> tuple["FusedConv3x3", torch.Tensor, "FusedConv3x3"]:
         """``(conv1 scaled by bn2's eval scale, bn2's eval shift, conv2)``, prepared for the fused
-        path; recomputed when a tensor they come from changed (moved, or written in place:
-        loaded, trained; its version counter), or on ``train()`` / ``eval()``."""
+        path on ``dtype`` activations; recomputed for another dtype, when a tensor they come from
+        changed (moved, or written in place: loaded, trained; its version counter), or on
+        ``train()`` / ``eval()``."""
         sources = (self.conv1.weight, self.conv2.weight, self.bn2.weight, self.bn2.bias, self.bn2.running_mean, self.bn2.running_var)
-        key = tuple((t.data_ptr(), t._version) for t in sources) + (self.bn2.eps,)
+        key = tuple((t.data_ptr(), t._version) for t in sources) + (self.bn2.eps, dtype)
         if self._fused is None or self._fused[0] != key:
             scale, shift = bn_eval_affine(self.bn2)
-            conv1 = FusedConv3x3(self.conv1.weight * scale[:, None, None, None])
-            self._fused = (key, conv1, shift, FusedConv3x3(self.conv2.weight))
+            conv1 = FusedConv3x3(self.conv1.weight * scale[:, None, None, None], dtype)
+            self._fused = (key, conv1, shift, FusedConv3x3(self.conv2.weight, dtype))
         return self._fused[1:]
 
 
@@ -317,12 +338,14 @@ class ResUNetBase(nn.Module):
         names += [f"decoder_block{i}" for i in range(1, self.depth + 1)]
         return {name: getattr(self, name).film_sizes() for name in names}
 
-    def forward(self, mixture: torch.Tensor, film: dict) -> torch.Tensor:
+    def forward(self, mixture: torch.Tensor, film: dict, body_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``body_dtype``: the activations' dtype between ``pre_conv`` and ``after_conv`` (bf16 on
+        the fused path under bf16 autocast, see :class:`ResUNet`)."""
         batch, audio_channels, samples = mixture.shape
         if batch > 1 and not self.training and fused_cpu_inference(mixture):
             # Row by row, each FiLM bias is a per-channel constant that the fused convolutions
             # take as their bias; CPU throughput does not depend on the batch size anyway.
-            return torch.cat([self(mixture[i : i + 1], _film_row(film, i)) for i in range(batch)])
+            return torch.cat([self(mixture[i : i + 1], _film_row(film, i), body_dtype) for i in range(batch)])
         real, imag = self.stft(mixture.reshape(batch * audio_channels, samples))
         # (batch * channels, 1, frames, bins) -> (batch, channels, frames, bins)
         real = real.reshape(batch, audio_channels, *real.shape[2:])
@@ -336,7 +359,7 @@ class ResUNetBase(nn.Module):
         ratio = self.config.time_downsample_ratio
         x = F.pad(x, (0, 0, 0, -frames % ratio))
         x = x[..., :-1]  # 1025 -> 1024 frequency bins, divisible by the pooling
-        x = pointwise_conv(self.pre_conv, x)
+        x = pointwise_conv(self.pre_conv, x).to(body_dtype)
 
         skips = []
         for i in range(1, self.depth + 1):
@@ -346,7 +369,7 @@ class ResUNetBase(nn.Module):
         for i in range(1, self.depth + 1):
             x = getattr(self, f"decoder_block{i}")(x, skips[-i], film[f"decoder_block{i}"])
 
-        x = self.after_conv(x)
+        x = self.after_conv(x.float())
         x = F.pad(x, (0, 1))[:, :, :frames, :]
         return self._apply_masks(x, mag, cos_in, sin_in, samples)
 
@@ -420,4 +443,10 @@ class ResUNet(nn.Module):
         self.film = FiLM(self.base.film_sizes(), config.condition_size)
 
     def forward(self, mixture: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        if not self.training and fused_bf16_inference(mixture):
+            # The fused path in bf16 instead of op-by-op autocast: bf16 convolutions still, without
+            # the casts and separate passes (benchmarks.bench_separate times both); FiLM, the
+            # STFT and the masks in fp32.
+            with torch.autocast("cpu", enabled=False):
+                return self.base(mixture, self.film(condition), torch.bfloat16)
         return self.base(mixture, self.film(condition))
