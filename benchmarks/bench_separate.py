@@ -9,7 +9,7 @@ alternately ``--rounds`` times (timings on a shared machine drift) and the ratio
   ``uss separate --levels 1``.
 
 Our side runs with the reference's chunking (2-s segments, no overlap) so both do the same
-separation work, in fp32 (the reference's numbers) and, where the CPU has native bf16, with
+separation work, in fp32 (the reference's numbers) and, where the CPU has AMX, with
 ``--precision bf16`` too (with the SNR of its stems against the fp32 ones), the row marked
 ``= default`` being what ``uss separate`` runs here by default; ``--also-defaults``
 adds a row with our default overlap. Model loading is
@@ -39,12 +39,12 @@ import torch
 
 from benchmarks.reference_harness import import_reference, load_reference_models, write_reference_checkpoints
 from uss_core.separation import (
-    SeparationConfig, Separator, class_queries, hierarchy_queries, native_cpu_bf16, resolve_precision,
+    SeparationConfig, Separator, class_queries, hierarchy_queries, cpu_has_amx_bf16, resolve_precision,
 )
 
 CLASS_IDS = [0, 137, 300]  # Speech, Music, Vehicle
-# bf16 is only faster with native support (AVX-512 BF16 / AMX); elsewhere it is emulated, slowly.
-DEFAULT_PRECISIONS = ["fp32", "bf16"] if native_cpu_bf16() else ["fp32"]
+# bf16 is only faster with AMX (uss_core.separation.cpu_has_amx_bf16); elsewhere it is slower than fp32.
+DEFAULT_PRECISIONS = ["fp32", "bf16"] if cpu_has_amx_bf16() else ["fp32"]
 
 
 def make_input(path: Path, seconds: float, seed: int = 0) -> None:
@@ -227,7 +227,7 @@ def main(argv=None) -> int:
     p.add_argument("--memory-minutes", type=float, default=60.0, help="length of the peak-memory input (0: skip)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--precision", nargs="+", choices=("fp32", "bf16"), default=DEFAULT_PRECISIONS,
-                   help="our U-Net precisions to time (default: fp32, and bf16 where the CPU has it natively)")
+                   help="our U-Net precisions to time (default: fp32, and bf16 where the CPU has AMX)")
     p.add_argument("--also-defaults", action="store_true", help="also time our default overlap")
     p.add_argument("--json", type=Path, help="write the figures here")
     args = p.parse_args(argv)

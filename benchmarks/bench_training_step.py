@@ -9,7 +9,7 @@ random inputs of the preset's shapes, in this process:
   one-hot condition, L1 on the waveform, AdamW.
 
 Threads as the preset gives each worker (``torch_threads``, else one per reserved CPU). bf16 is
-only timed where the CPU computes it natively (AVX-512 BF16 / AMX). The machine should be
+only timed where the CPU has AMX (the only CPUs where it is faster, and where training uses it). The machine should be
 otherwise idle. Run: ``python -m benchmarks.bench_training_step [--steps 8] [--json PATH]``.
 """
 

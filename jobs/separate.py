@@ -61,8 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--activity-threshold", type=float, default=d.activity_threshold, help="(default %(default)s)")
     s.add_argument("--device", help="cpu, cuda, cuda:N or auto (default: cuda with GPU actors, else cpu)")
     s.add_argument("--precision", choices=PRECISIONS, default=d.precision,
-                   help="U-Net arithmetic: fp32 (exact, the reference's numbers), bf16 (faster on CPUs with AVX-512 BF16 or AMX "
-                        "and on GPUs), fp16 (GPU), auto (the default: bf16 on a CPU with native bf16, else fp32)")
+                   help="U-Net arithmetic: fp32 (exact, the reference's numbers), bf16 (faster on CPUs with AMX and on "
+                        "GPUs), fp16 (GPU), auto (the default: bf16 on a CPU with AMX, else fp32)")
     s.add_argument("--max-input-seconds", type=float, default=d.max_input_seconds, help="longer inputs are rejected (default %(default)s)")
     s.add_argument("--silence-peak", type=float, default=d.silence_peak, help="inputs with a lower peak are 'silent' (default %(default)s)")
     r = p.add_argument_group("Ray")

@@ -62,8 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--activity-threshold", type=float, default=SeparationConfig.activity_threshold)
     s.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     s.add_argument("--precision", choices=PRECISIONS, default=SeparationConfig.precision,
-                   help="U-Net arithmetic: fp32 (exact, the reference's numbers), bf16 (faster on CPUs with AVX-512 BF16 or AMX "
-                        "and on GPUs), fp16 (GPU), auto (the default: bf16 on a CPU with native bf16, else fp32)")
+                   help="U-Net arithmetic: fp32 (exact, the reference's numbers), bf16 (faster on CPUs with AMX and on "
+                        "GPUs), fp16 (GPU), auto (the default: bf16 on a CPU with AMX, else fp32)")
     s.add_argument("--format", choices=("wav", "flac"), default="wav")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     return p

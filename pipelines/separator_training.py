@@ -98,8 +98,8 @@ class SeparatorTrainingConfig:
     cluster's CPUs so Ray Data keeps some to read with); ``torch_threads``: intra-op threads per
     worker (None: one per reserved CPU, at least one). ``use_gpu``: one GPU per worker (NCCL),
     ``mixed_precision`` then autocasts to bfloat16. ``cpu_bf16``: bfloat16 autocast on CPU workers
-    too, where the CPU computes bf16 natively (AVX-512 BF16 / AMX; elsewhere it would be emulated,
-    slower than fp32, so those workers stay in fp32).
+    too, where the CPU has AMX (elsewhere bf16 is slower than fp32, so those workers stay in
+    fp32; :func:`uss_core.separation.cpu_has_amx_bf16`).
     """
 
     separator: ResUNetConfig = field(default_factory=ResUNetConfig)

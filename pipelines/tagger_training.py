@@ -109,8 +109,8 @@ class TaggerTrainingConfig:
     CPUs to read with (a 2-CPU machine hangs with 2 workers x 1 CPU). ``torch_threads``: intra-op
     threads per worker (None: as Ray sets them, one per reserved CPU, at least one). ``use_gpu``: one
     GPU per worker (NCCL); ``cpus_per_worker`` then still applies. ``cpu_bf16``: the training
-    forward in bfloat16 autocast on CPU workers whose CPU computes bf16 natively (AVX-512 BF16 /
-    AMX; elsewhere fp32), the log-mel front end and validation still in fp32.
+    forward in bfloat16 autocast on CPU workers whose CPU has AMX (elsewhere fp32, which is
+    faster there), the log-mel front end and validation still in fp32.
     ``clip_samples``: length every clip is cut or zero-padded to (None: the longest clip in the
     data). ``export``: which epoch's checkpoint the run exports -- ``"best"`` validation mAP or the
     ``"last"``.

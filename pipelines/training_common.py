@@ -64,12 +64,13 @@ def scheduled_lr(
 def bf16_autocast(device: Any, gpu_mixed_precision: bool, cpu_bf16: bool) -> bool:
     """Whether a training worker on ``device`` (a ``torch.device``) runs its forward in bfloat16
     autocast: on a GPU if ``gpu_mixed_precision``; on a CPU if ``cpu_bf16`` and the CPU computes
-    bf16 natively (AVX-512 BF16 / AMX; elsewhere it is emulated, slower than fp32, so fp32 stays)."""
-    from uss_core.separation import native_cpu_bf16
+    bf16 in AMX tiles (:func:`uss_core.separation.cpu_has_amx_bf16`; on other CPUs bf16 is
+    slower than fp32, so fp32 stays)."""
+    from uss_core.separation import cpu_has_amx_bf16
 
     if device.type == "cuda":
         return gpu_mixed_precision
-    return cpu_bf16 and device.type == "cpu" and native_cpu_bf16()
+    return cpu_bf16 and device.type == "cpu" and cpu_has_amx_bf16()
 
 
 def ray_storage(uri: str | os.PathLike, filesystem: Any = None) -> tuple[str, pafs.FileSystem | None]:

@@ -14,7 +14,7 @@ from uss_core.separation import (
     SeparationConfig,
     Separator,
     iter_segments,
-    native_cpu_bf16,
+    cpu_has_amx_bf16,
     resolve_precision,
     separate_stream,
 )
@@ -184,14 +184,14 @@ def test_bf16_separation_stays_close_to_fp32():
     assert snr_db > 30
 
 
-def test_auto_precision_is_bf16_only_on_a_cpu_with_native_bf16(monkeypatch):
+def test_auto_precision_is_bf16_only_on_a_cpu_with_amx(monkeypatch):
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
-    assert resolve_precision("auto", cpu) == ("bf16" if native_cpu_bf16() else "fp32")
+    assert resolve_precision("auto", cpu) == ("bf16" if cpu_has_amx_bf16() else "fp32")
     assert resolve_precision("auto", gpu) == "fp32"
     assert [resolve_precision(p, cpu) for p in ("fp32", "bf16", "fp16")] == ["fp32", "bf16", "fp16"]
     with pytest.raises(ConfigError, match="precision"):
         resolve_precision("int8", cpu)
-    monkeypatch.setattr(separation, "native_cpu_bf16", lambda: False)  # a CPU without bf16
+    monkeypatch.setattr(separation, "cpu_has_amx_bf16", lambda: False)  # a CPU without AMX
     assert resolve_precision("auto", cpu) == "fp32"
     sep = Separator(LoadedModel(small_model("at_soft"), five_labels(), "test", "uss-at-scale"), SeparationConfig(device="cpu"))
     assert sep.config.precision == "auto" and sep.precision == "fp32"

@@ -13,7 +13,7 @@ the single-file command, the bulk pipeline and validation all go through it.
   query's classes (below ``activity_threshold``) are skipped, and the remaining
   segment x query pairs go through the U-Net in batches of at most ``batch_size``, in the
   arithmetic ``precision`` names (:func:`resolve_precision`: by default bf16 autocast on a CPU
-  that computes bf16 natively, 2.3-2.4x faster there, else fp32).
+  with AMX, 2.3-2.4x faster there, else fp32).
 - :func:`separate_stream` drives it over a stream, so memory stays bounded for any file length.
 """
 
@@ -42,7 +42,7 @@ class SeparationConfig:
     """How a signal is chunked and separated.
 
     ``precision`` is the U-Net's arithmetic: ``fp32`` (exact, the reference's numbers), ``bf16``
-    (autocast: on a CPU with AVX-512 BF16 or AMX, or a GPU; with ResUNet30 the stems came within
+    (autocast: on a CPU with AMX, or a GPU; with ResUNet30 the stems came within
     about 33 dB SNR of fp32's in ``benchmarks.bench_separate``, and the demo separator's SDRi
     did not move, README), ``fp16`` (GPU only) or ``auto`` (:func:`resolve_precision`).
     The tagger and query net always run in fp32, so activity decisions do not depend on it.
@@ -384,18 +384,22 @@ def keep_freed_memory() -> None:
     libc.mallopt(m_trim_threshold, 1 << 30)
 
 
-def native_cpu_bf16() -> bool:
-    """Whether this CPU computes bfloat16 natively (AVX-512 BF16 or AMX). Elsewhere oneDNN
-    emulates it, slower than fp32."""
-    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+def cpu_has_amx_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices in AMX tiles (Xeon Sapphire Rapids and
+    later), the only CPUs where bf16 convolutions beat fp32 ones. With oneDNN capped below AMX
+    (``ONEDNN_MAX_CPU_ISA``) a ResUNet30 pair took 0.51 s in bf16 against 0.35 in fp32 at
+    AVX-512 BF16, 1.37 s against 0.33 at plain AVX-512, and 0.12 against 0.34 with AMX
+    (``benchmarks.profile_unet``, README). ``torch.ops.mkldnn._is_mkldnn_bf16_supported()`` is
+    no guide: it says yes for any AVX-512 CPU."""
+    return torch.backends.mkldnn.is_available() and bool(torch.cpu.get_capabilities().get("amx_bf16", False))
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
     """The U-Net arithmetic ``precision`` means on ``device``: itself, except ``auto``, which is
-    ``bf16`` on a CPU with native bf16 and ``fp32`` elsewhere (GPUs included: their fp32
-    convolutions already use TF32 by default; ask for ``bf16`` there explicitly).
+    ``bf16`` on a CPU with AMX (:func:`cpu_has_amx_bf16`) and ``fp32`` elsewhere (GPUs included:
+    their fp32 convolutions already use TF32 by default; ask for ``bf16`` there explicitly).
 
-    Why bf16 by default where the CPU has it: its AMX/AVX-512 BF16 convolutions make separation
+    Why bf16 by default where the CPU has AMX: its AMX convolutions make separation
     2.3-2.4x faster, while stems stay within 33-35 dB SNR of fp32's and separation quality does
     not move (README, Performance). ``fp32`` reproduces the reference.
     """
@@ -403,7 +407,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
         raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if precision != "auto":
         return precision
-    return "bf16" if device.type == "cpu" and native_cpu_bf16() else "fp32"
+    return "bf16" if device.type == "cpu" and cpu_has_amx_bf16() else "fp32"
 
 
 def precision_autocast(precision: str, device: torch.device):
