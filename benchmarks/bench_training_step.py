@@ -27,17 +27,13 @@ import torch
 from jobs.common import preset_path
 from pipelines.separator_training import SeparatorTrainingConfig, separation_loss
 from pipelines.tagger_training import TaggerTrainingConfig
-from pipelines.training_common import bf16_autocast
+from pipelines.training_common import bf16_autocast, worker_threads
 from uss_core.config import load_yaml
 from uss_core.models.panns import Cnn14DecisionLevelMax
 from uss_core.models.resunet import ResUNet
 
 CLASSES = 24  # the demo corpus's label set
 CLIP_SAMPLES = 320000  # 10 s at 32 kHz
-
-
-def _threads(torch_threads: int | None, cpus_per_worker: float) -> int:
-    return torch_threads or max(1, int(cpus_per_worker))
 
 
 def tagger_step(preset: str) -> tuple[Callable[[bool], None], dict]:
@@ -58,7 +54,7 @@ def tagger_step(preset: str) -> tuple[Callable[[bool], None], dict]:
         loss.backward()
         optimizer.step()
 
-    return step, {"batch": batch, "threads": _threads(config.torch_threads, config.cpus_per_worker)}
+    return step, {"batch": batch, "threads": worker_threads(config.torch_threads, config.cpus_per_worker)}
 
 
 def separator_step(preset: str) -> tuple[Callable[[bool], None], dict]:
@@ -80,7 +76,7 @@ def separator_step(preset: str) -> tuple[Callable[[bool], None], dict]:
         loss.backward()
         optimizer.step()
 
-    return step, {"batch": batch, "samples": samples, "threads": _threads(config.torch_threads, config.cpus_per_worker)}
+    return step, {"batch": batch, "samples": samples, "threads": worker_threads(config.torch_threads, config.cpus_per_worker)}
 
 
 def time_steps(step: Callable[[bool], None], bf16: bool, steps: int, warmup: int = 2) -> list[float]:

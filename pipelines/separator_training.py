@@ -65,7 +65,7 @@ from pipelines.mixing import mix
 from pipelines.model_store import local_checkpoint
 from pipelines.schemas import absolute_uri, count_rows, list_column_to_numpy, list_parquet_files, read_table, resolve_filesystem
 from pipelines.training_common import (
-    LR_SCHEDULES, WARMUPS, ReportCallback, bf16_autocast, ray_storage, scheduled_lr, write_folder,
+    LR_SCHEDULES, WARMUPS, ReportCallback, bf16_autocast, ray_storage, scheduled_lr, worker_threads, write_folder,
 )
 from uss_core.config import from_dict, to_dict
 from uss_core.errors import ConfigError
@@ -449,7 +449,7 @@ def _train_loop(loop_config: dict) -> None:
     labels = LabelSet.from_records(loop_config["labels"])
     context = ray.train.get_context()
     rank = context.get_world_rank()
-    torch.set_num_threads(config.torch_threads or max(1, int(config.cpus_per_worker)))
+    torch.set_num_threads(worker_threads(config.torch_threads, config.cpus_per_worker))
     device = ray.train.torch.get_device()
     net = _build_model(loop_config)
     column = condition_column(config.condition_type, config.adaptor_bottleneck)

@@ -7,6 +7,7 @@
 - :func:`write_folder`: write a checkpoint folder to a local path or an ``s3://`` prefix;
 - :class:`ReportCallback`: prints each report of rank 0 and hands its metrics on (MLflow);
 - :func:`bf16_autocast`: whether a worker trains under bfloat16 autocast.
+- :func:`worker_threads`: a worker's intra-op threads.
 """
 
 from __future__ import annotations
@@ -59,6 +60,12 @@ def scheduled_lr(
         progress = min(1.0, (step - warmup_end) / span)
         return lr * 0.5 * (1.0 + math.cos(math.pi * progress))
     return lr
+
+
+def worker_threads(torch_threads: int | None, cpus_per_worker: float) -> int:
+    """Intra-op threads of a training worker: ``torch_threads``, else one per CPU it reserves (at
+    least one), as Ray itself sets them."""
+    return torch_threads or max(1, int(cpus_per_worker))
 
 
 def bf16_autocast(device: Any, gpu_mixed_precision: bool, cpu_bf16: bool) -> bool:
@@ -131,4 +138,7 @@ class ReportCallback(UserCallback):
                 print(f"[{self.job}] warning: report callback failed: {type(exc).__name__}: {exc}", flush=True)
 
 
-__all__ = ["LR_SCHEDULES", "ReportCallback", "WARMUPS", "bf16_autocast", "ray_storage", "scheduled_lr", "write_folder"]
+__all__ = [
+    "LR_SCHEDULES", "ReportCallback", "WARMUPS", "bf16_autocast", "ray_storage", "scheduled_lr", "worker_threads",
+    "write_folder",
+]
