@@ -37,6 +37,12 @@ from uss_core.ontology import LabelSet, Ontology
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
+def check_precision(precision: str) -> None:
+    """Raise a :class:`ConfigError` unless ``precision`` is one of :data:`PRECISIONS`."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+
+
 @dataclass(frozen=True)
 class SeparationConfig:
     """How a signal is chunked and separated.
@@ -60,8 +66,7 @@ class SeparationConfig:
     precision: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        check_precision(self.precision)
         if not 0.1 <= self.segment_seconds <= 60:
             raise ConfigError(f"segment length must be between 0.1 and 60 s, got {self.segment_seconds}")
         if not 0 <= self.overlap < 1:
@@ -403,8 +408,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     2.3-2.4x faster, while stems stay within 33-35 dB SNR of fp32's and separation quality does
     not move (README, Performance). ``fp32`` reproduces the reference.
     """
-    if precision not in PRECISIONS:
-        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    check_precision(precision)
     if precision != "auto":
         return precision
     return "bf16" if device.type == "cpu" and cpu_has_amx_bf16() else "fp32"
